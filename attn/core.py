@@ -388,6 +388,8 @@ def _xla_auto_declines(call: AttentionCall) -> str | None:
 
 register_impl("xla", xla_attention, _xla_supports, auto_declines=_xla_auto_declines)
 
-# xla_chunked and cudnn live in their own modules and register themselves on import.
+# xla_chunked, cudnn and the Pallas kernels live in their own modules and register
+# themselves on import.
 from attn import chunked as _chunked  # noqa: E402,F401
 from attn import cudnn as _cudnn  # noqa: E402,F401
+from kernels_pallas.flash import register as _flash_register  # noqa: E402,F401

@@ -1,0 +1,345 @@
+"""Flash attention as a Pallas Mosaic TPU kernel: forward, dQ and dK/dV (custom VJP).
+
+The public boundary is ``[B, T, N, H]``; inside, operands are head-major
+(``q [B, K, G, Tp, Hp]``, ``k/v [B, K, Sp, ·]``) because a TPU block must be a
+``(sublane, lane)`` tile of one head: XLA fuses the pad and the transpose into one
+copy per operand. Block skipping, the visit tables and the partial/full split come
+from ``kernels_pallas.flash.masking``; the kernel bodies live in ``tpu_kernels``.
+
+Design choices (details and the algorithm in README.md):
+
+* **GQA without repeating K/V:** the ``Gb`` query heads of a group (all ``G`` when
+  the mask is head-independent) are stacked into one ``[Gb·Cq, H]`` query block, so
+  one K/V block fetched from HBM feeds ``Gb·Cq`` rows of one MXU matmul.
+* **Head dim 64:** kept at 64 (full-dim block, never zero-padded in HBM). A
+  64-deep contraction costs one MXU pass, exactly like a 128-deep one, so padding
+  would only add HBM traffic; what can be won back is the M dimension, which the
+  GQA stacking fills. Head dims above 128 that are not multiples of 128 (MLA's 192)
+  are padded to the next multiple of 128.
+* **Block sizes per generation** (``TPU_BLOCK_DEFAULTS``): rows = ``Gb·Cq``.
+
+Example:
+  >>> import jax
+  >>> from attn.masks import Mask
+  >>> from kernels_pallas.flash.tpu import flash_attention_tpu
+  >>> q = jax.random.normal(jax.random.key(0), (1, 40, 4, 64))
+  >>> kv = jax.random.normal(jax.random.key(1), (1, 40, 2, 64))
+  >>> o, lse = flash_attention_tpu(q, kv, kv, mask=Mask(causal=True), interpret=True)
+  >>> o.shape, lse.shape
+  ((1, 40, 4, 64), (1, 4, 40))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from attn.masks import Mask
+from kernels_pallas.flash import masking, tpu_kernels
+from kernels_pallas.flash._common import LOG2E, clip_window, fit, row_delta, sink_grad
+from kernels_pallas.flash.tpu_kernels import KernelCfg
+
+Array = Any
+MiB = 1 << 20
+
+
+class BlockDefaults(NamedTuple):
+    rows: int  # query rows per block, Gb·Cq (forward)
+    kv: int  # keys per block (forward)
+    rows_bwd: int
+    kv_bwd: int
+    vmem_limit: int | None  # None: the compiler's default scoped VMEM
+
+
+# Starting points sized from the VMEM budget (logit temporaries are rows x kv x 4 B)
+# and the MXU width (v6e's 256-wide MXU wants multiples of 256); they are not yet
+# measured on hardware: benchmarks/ owns the tuned numbers.
+TPU_BLOCK_DEFAULTS: dict[str, BlockDefaults] = {
+    "v4": BlockDefaults(512, 512, 256, 512, None),
+    "v5e": BlockDefaults(512, 1024, 512, 512, 64 * MiB),
+    "v5p": BlockDefaults(1024, 512, 512, 512, 64 * MiB),
+    "v6e": BlockDefaults(1024, 1024, 512, 1024, 64 * MiB),
+    "default": BlockDefaults(512, 512, 256, 512, None),
+}
+
+
+def tpu_generation() -> str:
+    """Key into ``TPU_BLOCK_DEFAULTS`` for the local device ("default" off TPU).
+
+    Example:
+      >>> tpu_generation() in TPU_BLOCK_DEFAULTS
+      True
+    """
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return "default"
+    if dev.platform != "tpu":
+        return "default"
+    kind = dev.device_kind.lower().replace(" ", "")
+    if "v6" in kind:
+        return "v6e"
+    if "v5lite" in kind or "v5e" in kind:
+        return "v5e"
+    if "v5" in kind:
+        return "v5p"
+    if "v4" in kind:
+        return "v4"
+    return "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Optional overrides; None fields come from ``TPU_BLOCK_DEFAULTS``.
+
+    ``block_q`` is the query rows per head (Cq); a block holds ``heads_per_block``
+    heads of one GQA group, so ``heads_per_block · block_q`` rows in all.
+    """
+
+    block_q: int | None = None
+    block_kv: int | None = None
+    block_q_bwd: int | None = None
+    block_kv_bwd: int | None = None
+    heads_per_block: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one call: shapes, tilings, kernel config."""
+
+    N: int
+    H: int
+    E: int
+    causal: bool
+    window: tuple | None
+    mask_block_size: tuple | None
+    cfg: KernelCfg
+    til_f: masking.Tiling
+    til_b: masking.Tiling
+
+    def mask(self, aux) -> Mask:
+        return masking.mask_from_aux(aux, causal=self.causal, window=self.window,
+                                     block_size=self.mask_block_size)
+
+
+def _round(x, m):
+    return -(-x // m) * m
+
+
+def _pad_dim(d: int) -> int:
+    # Full-dim blocks up to 128 lanes are legal; wider heads go to whole lane tiles.
+    return d if d <= 128 else _round(d, 128)
+
+
+def _pick(target, length, mask_block, *, user, interpret, kv):
+    """Block size along one axis (None if no legal size fits the block mask)."""
+    if user is not None and interpret:
+        # Interpret mode has no (8, 128) tiling rule: tests use small blocks.
+        return min(user, _round(length, 8))
+    return masking.choose_block(user or target, length, multiple=128,
+                                single_multiple=128 if kv else 16, mask_block=mask_block)
+
+
+def make_plan(q_shape, k_shape, v_shape, mask: Mask, *, scale: float, softcap, has_sinks: bool,
+              block_sizes: BlockSizes | None = None, interpret: bool = False) -> Plan:
+    """Static plan for a call; raises ``NotImplementedError`` with the reason if none fits.
+
+    Shapes: ``q_shape [B, T, N, H]``, ``k_shape [B, S, K, H]``, ``v_shape [B, S, K, E]``.
+
+    Example:
+      >>> from attn.masks import Mask
+      >>> p = make_plan((1, 1000, 8, 64), (1, 1000, 2, 64), (1, 1000, 2, 64), Mask(causal=True),
+      ...               scale=0.125, softcap=None, has_sinks=False)
+      >>> p.cfg.Gb, p.til_f.block_q, p.til_f.block_kv
+      (4, 128, 512)
+    """
+    B, T, N, H = q_shape
+    S, K, E = k_shape[1], k_shape[2], v_shape[3]
+    G = N // K
+    if mask.dense is not None:
+        raise NotImplementedError("Mask.dense is only accepted by the reference implementations")
+    bs = block_sizes or BlockSizes()
+    d = TPU_BLOCK_DEFAULTS[tpu_generation()]
+    Nm = masking.mask_heads(mask, N)
+    mq, mk = mask.block_size if mask.block_mask is not None else (None, None)
+    # Stack the whole GQA group unless the mask differs per head (then lists differ).
+    Gb = bs.heads_per_block or (1 if Nm > 1 else G)
+    if Nm > 1 and Gb != 1:
+        raise NotImplementedError("a per-head block_mask needs heads_per_block=1")
+    if G % Gb:
+        raise NotImplementedError(f"heads_per_block={Gb} must divide G={G}")
+    while bs.heads_per_block is None and Gb > 1 and Gb * min(_round(T, 16), 128) > 2 * d.rows:
+        Gb = max(g for g in range(1, Gb) if G % g == 0)
+    tils = []
+    for rows, kv, uq, uk in ((d.rows, d.kv, bs.block_q, bs.block_kv),
+                             (d.rows_bwd, d.kv_bwd, bs.block_q_bwd or bs.block_q,
+                              bs.block_kv_bwd or bs.block_kv)):
+        cq = _pick(max(rows // Gb, 128), T, mq, user=uq, interpret=interpret, kv=False)
+        ck = _pick(kv, S, mk, user=uk, interpret=interpret, kv=True)
+        if cq is None or ck is None:
+            raise NotImplementedError(
+                f"Mask.block_size {mask.block_size} is not a multiple of any legal TPU kernel "
+                "block (multiples of 128, or one block covering the sequence)")
+        reason = masking.block_mask_fits(mask, T, S, cq, ck)
+        if reason:
+            raise NotImplementedError(reason)
+        tils.append(masking.make_tiling(mask, batch=B, q_len=T, kv_len=S, num_heads=N,
+                                        block_q=cq, block_kv=ck))
+    cfg = KernelCfg(
+        B=B, T=T, S=S, K=K, G=G, Gb=Gb, Hp=_pad_dim(H), Ep=_pad_dim(E), scale=float(scale),
+        softcap=None if softcap is None else float(softcap), left=clip_window(mask.window_left),
+        right=clip_window(mask.window_right), has_qpos=mask.q_positions is not None,
+        has_kvpos=mask.kv_positions is not None, has_seg=mask.has_segments,
+        has_sinks=has_sinks, interpret=bool(interpret), vmem_limit=d.vmem_limit)
+    return Plan(N=N, H=H, E=E, causal=mask.causal, window=mask.window,
+                mask_block_size=mask.block_size if mask.block_mask is not None else None,
+                cfg=cfg, til_f=tils[0], til_b=tils[1])
+
+
+# --------------------------------------------------------------------------- layouts
+def _q_layout(x, K, Tp, Dp):
+    """``[B, T, N, D]`` -> ``[B, K, G, Tp, Dp]``."""
+    B, _, N, _ = x.shape
+    x = fit(fit(x, 1, Tp), 3, Dp)
+    return x.reshape(B, Tp, K, N // K, Dp).transpose(0, 2, 3, 1, 4)
+
+
+def _from_q_layout(x, T, D):
+    B, K, G, Tp, Dp = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(B, Tp, K * G, Dp)[:, :T, :, :D]
+
+
+def _kv_layout(x, Sp, Dp):
+    """``[B, S, K, D]`` -> ``[B, K, Sp, Dp]``."""
+    return fit(fit(x, 1, Sp), 3, Dp).transpose(0, 2, 1, 3)
+
+
+def _from_kv_layout(x, S, D):
+    return x.transpose(0, 2, 1, 3)[:, :S, :, :D]
+
+
+def _to_rows(x, cfg: KernelCfg):
+    """``[B, N, Tp]`` -> rows ``[B, K, G, 1, Tp]`` (a free reshape)."""
+    return x.reshape(cfg.B, cfg.K, cfg.G, 1, x.shape[-1])
+
+
+def _extras(mask: Mask, cfg: KernelCfg, til: masking.Tiling, *, transposed: bool):
+    """Position / segment kernel inputs: columns ``[B, L, 128]``, rows ``[B, 8, L]``."""
+    toks = masking.tokens(mask, til)
+    col = lambda x: jnp.broadcast_to(x[:, :, None], x.shape + (tpu_kernels.LANES,))
+    row = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], tpu_kernels.SUBLANES, x.shape[1]))
+    qf, kf = (row, col) if transposed else (col, row)
+    sfx = "_t" if transposed else ""
+    out = {}
+    if cfg.has_qpos:
+        out["qpos" + sfx] = qf(toks.q_pos)
+    if cfg.has_kvpos:
+        out["kvpos" + sfx] = kf(toks.kv_pos)
+    if cfg.has_seg:
+        out["qseg" + sfx], out["kvseg" + sfx] = qf(toks.q_seg), kf(toks.kv_seg)
+    return out
+
+
+# --------------------------------------------------------------------------- forward
+def _forward(q, k, v, sinks, aux, plan: Plan, debug: bool):
+    cfg, til = plan.cfg, plan.til_f
+    mask = plan.mask(aux)
+    table, _ = masking.tables(masking.classify(mask, til), til, transposed=False)
+    qt = _q_layout(q, cfg.K, til.q_padded, cfg.Hp)
+    kt = _kv_layout(k, til.kv_padded, cfg.Hp)
+    vt = _kv_layout(v, til.kv_padded, cfg.Ep)
+    sinks2 = None if sinks is None else sinks.astype(jnp.float32) * LOG2E
+    o_t, lse_rows, dbg = tpu_kernels.forward(cfg, til, table, qt, kt, vt,
+                                             _extras(mask, cfg, til, transposed=False),
+                                             sinks2, debug=debug)
+    o = _from_q_layout(o_t, cfg.T, plan.E)
+    lse = lse_rows.reshape(cfg.B, plan.N, -1)[:, :, :cfg.T]
+    return o, lse, (qt, kt, vt), dbg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, sinks, aux, plan):
+    o, lse, _, _ = _forward(q, k, v, sinks, aux, plan, False)
+    return o, lse
+
+
+def _flash_fwd(q, k, v, sinks, aux, plan):
+    o, lse, kernel_layout, _ = _forward(q, k, v, sinks, aux, plan, False)
+    return (o, lse), (kernel_layout, o, lse, sinks, aux)
+
+
+def _flash_bwd(plan: Plan, res, cts):
+    (qt, kt, vt), o, lse, sinks, aux = res
+    do, dlse = cts
+    cfg, til = plan.cfg, plan.til_b
+    mask = plan.mask(aux)
+    table, table_t = masking.tables(masking.classify(mask, til), til)
+    # Forward and backward tilings may pad differently: refit the saved layouts.
+    qt = fit(qt, 3, til.q_padded)
+    kt, vt = fit(kt, 2, til.kv_padded), fit(vt, 2, til.kv_padded)
+    do_t = _q_layout(do, cfg.K, til.q_padded, cfg.Ep)
+    D = row_delta(do, o, dlse)
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)
+    # Padded query rows get lse = +inf so exp2(s - lse) = 0 there whatever s is.
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, til.q_padded - cfg.T)), constant_values=jnp.inf)
+    D_p = fit(D, 2, til.q_padded)
+    lse_rows, d_rows = _to_rows(lse2, cfg), _to_rows(D_p, cfg)
+    dq_t = tpu_kernels.backward_dq(cfg, til, table, qt, kt, vt, do_t, lse_rows, d_rows,
+                                   _extras(mask, cfg, til, transposed=False))
+    dk_t, dv_t = tpu_kernels.backward_dkv(cfg, til, table_t, qt, kt, vt, do_t, lse_rows, d_rows,
+                                          _extras(mask, cfg, til, transposed=True))
+    dq = _from_q_layout(dq_t, cfg.T, plan.H)
+    dk = _from_kv_layout(dk_t, cfg.S, plan.H)
+    dv = _from_kv_layout(dv_t, cfg.S, plan.E)
+    return dq, dk, dv, sink_grad(sinks, lse, D), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "debug"))
+def _run(q, k, v, sinks, aux, plan, debug):
+    if not debug:
+        return _flash(q, k, v, sinks, aux, plan)
+    o, lse, _, dbg = _forward(q, k, v, sinks, aux, plan, True)
+    cfg = plan.cfg
+    counts = jnp.repeat(dbg[..., :2, 0], cfg.Gb, axis=2)  # [B, K, G, nQ, 2]
+    counts = counts.reshape(cfg.B, plan.N, plan.til_f.num_q_blocks, 2)
+    return o, lse, {"visited": counts[..., 0], "partial": counts[..., 1]}
+
+
+def flash_attention_tpu(q, k, v, *, mask: Mask | None = None, scale: float | None = None,
+                        softcap: float | None = None, sinks=None,
+                        block_sizes: BlockSizes | None = None, interpret: bool = False,
+                        debug: bool = False):
+    """Flash attention on TPU (Pallas Mosaic); differentiable in q, k, v and sinks.
+
+    Args:
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, E]`` (N % K == 0).
+      mask: ``attn.masks.Mask`` (no ``dense``); None = no mask.
+      scale: default ``H ** -0.5``. softcap: ``c · tanh(logits / c)``.
+      sinks: ``[N]`` sink logits.
+      block_sizes: ``BlockSizes`` overrides (default: per TPU generation).
+      interpret: run with ``pltpu.InterpretParams()`` on any platform (CPU tests).
+      debug: forward only; also return ``{"visited", "partial"}``, each ``[B, N, nQ]``
+        int32: key blocks the kernel processed per query block (counted in-kernel).
+
+    Returns:
+      ``(o [B, T, N, E] in q.dtype, lse [B, N, T] float32)`` (+ the debug dict).
+
+    Example:
+      >>> import jax
+      >>> from kernels_pallas.flash.tpu import flash_attention_tpu
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 2, 16))
+      >>> flash_attention_tpu(x, x, x, interpret=True)[0].shape
+      (1, 8, 2, 16)
+    """
+    mask = Mask() if mask is None else mask
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    plan = make_plan(q.shape, k.shape, v.shape, mask, scale=scale, softcap=softcap,
+                     has_sinks=sinks is not None, block_sizes=block_sizes, interpret=interpret)
+    return _run(q, k, v, sinks, masking.mask_aux(mask), plan, debug)
