@@ -27,7 +27,7 @@ import importlib
 from typing import Any, Callable, Mapping
 
 # Modules that register built-in mechanisms; imported on the first lookup.
-BUILTIN_MODULES: tuple[str, ...] = ("attn.mha",)
+BUILTIN_MODULES: tuple[str, ...] = ("attn.mha", "attn.mla", "attn.cca", "attn.moh")
 
 _REGISTRY: dict[str, "Mechanism"] = {}
 _builtins_loaded = False

@@ -1,0 +1,319 @@
+"""TransMLA: convert a trained GQA layer (``attn.mha``) into an MLA layer (``attn.mla``).
+
+TransMLA (Meng et al., arXiv 2502.07864) shows that any GQA layer is an MLA layer with a
+particular choice of weights (the K/V of all kv heads form the latent, and the
+up-projections replicate each kv head for its query group), and gives a recipe to move
+the RoPE into MLA's decoupled key and compress the rest (the paper's method section):
+
+1. **RoRoPE**. RoPE rotates the pair ``(i, i + R/2)`` of every kv head by the same
+   angle, so any mixing *across kv heads* that is the same for both components of a pair
+   commutes with RoPE. For each frequency i we take the PCA over heads of the key pairs
+   (a K×K "complex" covariance, both pair components pooled) and rotate the kv heads by
+   its eigenvectors ``U_i``. The logits are unchanged (``U_i`` is orthogonal) and the
+   positional energy is concentrated in the first rotated heads. The first ``r`` rotated
+   heads become MLA's decoupled RoPE key (``Hr = r·R``, applied per block,
+   ``mla.Config.rope_heads = r``); the remaining ``K - r`` rotated heads **lose their
+   rotation** and join the NoPE (latent) part. (The paper's FreqFold, which pools
+   neighbouring frequencies into one PCA, is not implemented.)
+2. **BKV-PCA** (balanced key-value PCA). The NoPE key content (rotated heads
+   ``r..K-1`` and the non-rotated dims of partial RoPE) and the values are concatenated,
+   the key part is scaled so both parts have the same mean energy (otherwise the PCA
+   would serve only the larger one), and the concatenation is projected on its top ``L``
+   principal directions: ``c_kv = x W_dkv`` with ``W_dkv = W_z P``; ``W_uk``, ``W_uv``
+   are ``P^T`` followed by the (unscaled) maps from that concatenation to each head's
+   key / value.
+
+Exactness. RoRoPE is exact only when every rotated head keeps its RoPE: with
+``rope_heads = K`` (``Hr = K·R``) and ``L >= Z`` (the width of the concatenation:
+``K·H`` for full RoPE, plus ``K·(H-R)`` for partial RoPE) the MLA layer reproduces the
+GQA layer up to float rounding. An exact conversion into the paper's *single* shared
+RoPE head (``rope_heads=1``) is impossible in general: that key has ``R`` dims, but the
+K kv heads rotate ``K·R`` independent dims with position, so unless those are linearly
+dependent (K = 1, MQA) dropping the rotation of heads ``1..K-1`` changes the logits.
+``rope_heads=1`` is the paper's approximation; its error is measured in
+``tests/test_transmla.py``. TransMLA then fine-tunes to recover it; we do not.
+
+Other choices, all for exactness:
+
+* ``kv_norm=False``: MLA's RMSNorm on ``c_kv`` is not linear, a GQA key/value is.
+* The GQA scale ``1/sqrt(H)`` differs from MLA's ``1/sqrt(Hn + Hr)``; the ratio is
+  folded into the query kernels.
+* ``Hn = H`` (``q_nope`` is the whole unrotated query); ``E = H``; ``q_lora_rank=None``.
+* Statistics: with ``calib_x_BTD`` (the inputs of the attention layer) the PCAs use the
+  input covariance ``X^T X``, as the paper's calibration; without it, the identity
+  (a data-free, weights-only PCA). Either way the exact settings stay exact.
+
+Not supported (``NotImplementedError``): qk_norm (a nonlinear key), projection biases,
+attention sinks and layers without RoPE.
+
+Example:
+  >>> import jax, jax.numpy as jnp, flax.linen as nn
+  >>> from attn import mha, mla
+  >>> from attn.transmla import convert_gqa_to_mla
+  >>> g = mha.Config(d_model=32, num_heads=4, num_kv_heads=2, dtype="float32")
+  >>> x = jax.random.normal(jax.random.key(1), (1, 6, 32))
+  >>> gp = nn.unbox(mha.MHA(g).init(jax.random.key(0), x))["params"]
+  >>> mp, m = convert_gqa_to_mla(gp, g, kv_lora_rank=16, rope_heads=2)   # exact: L >= K·H
+  >>> y_gqa, _ = mha.mha_forward(gp, x, config=g)
+  >>> y_mla, _ = mla.mla_forward(mp, x, config=m)
+  >>> bool(jnp.allclose(y_gqa, y_mla, atol=1e-5)), m.qk_rope_head_dim, m.kv_lora_rank
+  (True, 16, 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn import mha, mla, registry
+from attn.positions import RopeConfig
+
+Array = Any
+
+
+# --------------------------------------------------------------------------- one layer
+def convert_gqa_to_mla(gqa_params, gqa_config: mha.Config, *, kv_lora_rank: int,
+                       rope_heads: int = 1, calib_x_BTD=None, balance_kv: bool = True):
+    """Convert one ``attn.mha`` layer's parameters into ``attn.mla`` parameters.
+
+    Args:
+      gqa_params: the layer's parameter dict (``q_kernel [D,N,H]``, ``k_kernel [D,K,H]``,
+        ``v_kernel [D,K,H]``, ``o_kernel [N,H,D]``), boxed or not, or ``{"params": ...}``.
+      gqa_config: its ``mha.Config``.
+      kv_lora_rank: L of the MLA latent.
+      rope_heads: r in ``[1, K]``: rotated kv heads kept in the RoPE key (``Hr = r·R``).
+        1 is the paper (approximate for K > 1); K keeps RoPE exactly.
+      calib_x_BTD: optional ``[..., D]`` inputs of this attention layer for the PCAs.
+      balance_kv: scale the key part to the value part's energy before the joint PCA.
+
+    Returns:
+      ``(mla_params, mla.Config)``; parameters in ``gqa_config.param_dtype``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from attn import mha
+      >>> g = mha.Config(d_model=16, num_heads=2, num_kv_heads=1)
+      >>> gp = nn.unbox(mha.MHA(g).init(jax.random.key(0), jnp.ones((1, 2, 16))))
+      >>> p, c = convert_gqa_to_mla(gp, g, kv_lora_rank=8)
+      >>> p["kv_down_kernel"].shape, p["k_rope_kernel"].shape, c.rope_heads
+      ((16, 8), (16, 8), 1)
+    """
+    cfg = gqa_config
+    _check_convertible(cfg, kv_lora_rank, rope_heads)
+    p = nn.unbox(gqa_params)
+    p = p.get("params", p)
+    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    R, r, L = cfg.rope.rotary_dims(H), rope_heads, kv_lora_rank
+    f64 = lambda a: np.asarray(a, np.float64)
+    Wq, Wk, Wv, Wo = (f64(p[n]) for n in ("q_kernel", "k_kernel", "v_kernel", "o_kernel"))
+    sigma_DD = input_covariance(calib_x_BTD, D)
+    group_N = np.arange(N) // (N // K)
+
+    # RoRoPE: rotate kv heads per frequency; U_R[d] is the K×K rotation of dim d's pair.
+    U_R = np.concatenate([rorope_rotation(Wk, sigma_DD, R)] * 2, axis=0)     # [R, K, K]
+    Wc_DKR = np.einsum("DKR,RKJ->DJR", Wk[:, :, :R], U_R)                      # rotated heads
+    Ug_RNK = U_R[:, group_N, :]                                                # U[d][g(n), j]
+    k_rope = Wc_DKR[:, :r].reshape(D, r * R)
+    q_rope = np.einsum("DNR,RNJ->DNJR", Wq[:, :, :R], Ug_RNK[:, :, :r]).reshape(D, N, r * R)
+
+    # NoPE content z = [rotated heads r.. (unrotated from here on), pass-through dims, values].
+    Wz_k = np.concatenate([Wc_DKR[:, r:].reshape(D, -1), Wk[:, :, R:].reshape(D, -1)], axis=1)
+    Wz_v = Wv.reshape(D, K * H)
+    Zk = Wz_k.shape[1]
+    Bk_ZNH = np.zeros((Zk, N, H))   # z_k -> each head's nope key
+    for j in range(K - r):
+        d = np.arange(R)
+        Bk_ZNH[j * R + d, :, d] = Ug_RNK[:, :, r + j]
+    for n in range(N):
+        e = np.arange(H - R)
+        Bk_ZNH[(K - r) * R + group_N[n] * (H - R) + e, n, R + e] = 1.0
+    Bv_ZNH = np.zeros((K * H, N, H))
+    for n in range(N):
+        Bv_ZNH[group_N[n] * H + np.arange(H), n, np.arange(H)] = 1.0
+
+    # BKV-PCA: balance key vs value energy, then one PCA of the concatenation.
+    alpha = 1.0
+    if balance_kv and Zk:
+        ek, ev = np.trace(Wz_k.T @ sigma_DD @ Wz_k), np.trace(Wz_v.T @ sigma_DD @ Wz_v)
+        alpha = float(np.sqrt(ev / ek)) if ek > 0 and ev > 0 else 1.0
+    Wz = np.concatenate([alpha * Wz_k, Wz_v], axis=1)
+    Bk_full = np.concatenate([Bk_ZNH / alpha, np.zeros((K * H, N, H))], axis=0)
+    Bv_full = np.concatenate([np.zeros((Zk, N, H)), Bv_ZNH], axis=0)
+    P_ZL = top_principal_directions(Wz.T @ sigma_DD @ Wz, L)
+
+    # MLA's scale is 1/sqrt(Hn + Hr) with Hn = H: fold the ratio to GQA's 1/sqrt(H) into q.
+    s = float(np.sqrt((H + r * R) / H))
+    out = dict(
+        q_nope_kernel=Wq * s, q_rope_kernel=q_rope * s,
+        kv_down_kernel=Wz @ P_ZL, k_rope_kernel=k_rope,
+        k_up_kernel=np.einsum("ZL,ZNH->LNH", P_ZL, Bk_full),
+        v_up_kernel=np.einsum("ZL,ZNE->LNE", P_ZL, Bv_full),
+        o_kernel=Wo,
+    )
+    m = mla.Config(
+        d_model=D, num_heads=N, kv_lora_rank=L, q_lora_rank=None, qk_nope_head_dim=H,
+        qk_rope_head_dim=r * R, v_head_dim=H, rope_heads=r, kv_norm=False,
+        rope=RopeConfig(theta=cfg.rope.theta, fraction=1.0, scaling=cfg.rope.scaling),
+        causal=cfg.causal, window=cfg.window, softcap=cfg.softcap, impl=cfg.impl,
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, norm_eps=cfg.norm_eps)
+    return {k: jnp.asarray(v, cfg.param_dtype) for k, v in out.items()}, m
+
+
+def _check_convertible(cfg, kv_lora_rank, rope_heads) -> None:
+    """ValueError for bad arguments, NotImplementedError (with the reason) for unsupported layers."""
+    if not isinstance(cfg, mha.Config):
+        raise ValueError("convert_gqa_to_mla: gqa_config must be an attn.mha.Config, "
+                         f"got {type(cfg).__name__}")
+    if not (isinstance(kv_lora_rank, int) and kv_lora_rank > 0):
+        raise ValueError(f"convert_gqa_to_mla: kv_lora_rank must be a positive int, got {kv_lora_rank!r}")
+    if not (isinstance(rope_heads, int) and 1 <= rope_heads <= cfg.num_kv_heads):
+        raise ValueError(f"convert_gqa_to_mla: rope_heads must be an int in [1, K={cfg.num_kv_heads}], "
+                         f"got {rope_heads!r}")
+    for flag, why in (("qk_norm", "the RMSNormed key is not linear in x, a latent up-projection is"),
+                      ("use_bias", "MLA has no projection biases"),
+                      ("sinks", "attn.mla has no attention sinks")):
+        if getattr(cfg, flag):
+            raise NotImplementedError(f"convert_gqa_to_mla: {flag}=True is not supported: {why}")
+    if cfg.rope is None:
+        raise NotImplementedError("convert_gqa_to_mla: a layer without RoPE is not supported "
+                                  "(attn.mla always has a decoupled RoPE key)")
+
+
+def input_covariance(x, D: int) -> np.ndarray:
+    """``X^T X / n`` float64 ``[D, D]`` of ``x [..., D]``, or the identity when x is None."""
+    if x is None:
+        return np.eye(D)
+    X = np.asarray(x, np.float64).reshape(-1, D)
+    return X.T @ X / max(len(X), 1)
+
+
+def rorope_rotation(k_kernel_DKH, sigma_DD, R: int) -> np.ndarray:
+    """Per-frequency head rotations ``U [R/2, K, K]`` (columns: principal directions first).
+
+    ``M_i[a, b] = Σ_c E[k_a[c] k_b[c]]`` over the pair ``c ∈ {i, i + R/2}`` (TransMLA
+    RoRoPE's joint "complex" PCA; RoPE keeps this 2-D inner product, so it is the same
+    before and after rotation).
+
+    Example:
+      >>> import numpy as np
+      >>> U = rorope_rotation(np.random.default_rng(0).normal(size=(8, 3, 4)), np.eye(8), 4)
+      >>> U.shape, bool(np.allclose(U[0].T @ U[0], np.eye(3)))
+      ((2, 3, 3), True)
+    """
+    k = np.asarray(k_kernel_DKH, np.float64)[:, :, :R]
+    M = np.einsum("aKr,ab,bJr->rKJ", k, sigma_DD, k)
+    M = M[: R // 2] + M[R // 2:]
+    w, U = np.linalg.eigh(M)
+    order = np.argsort(-w, axis=-1)
+    return np.take_along_axis(U, order[:, None, :], axis=-1)
+
+
+def top_principal_directions(cov_ZZ, L: int) -> np.ndarray:
+    """``P [Z, L]``: eigenvectors of ``cov`` by decreasing eigenvalue; zero columns past Z.
+
+    Example:
+      >>> top_principal_directions(np.diag([1.0, 3.0]), 3).tolist()
+      [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    """
+    Z = cov_ZZ.shape[0]
+    w, V = np.linalg.eigh(np.asarray(cov_ZZ, np.float64))
+    V = V[:, np.argsort(-w)][:, :L]
+    return np.concatenate([V, np.zeros((Z, max(L - Z, 0)))], axis=1)
+
+
+# --------------------------------------------------------------------------- whole LM
+def _convertible(name: str) -> bool:
+    return registry.get(name).module is mha.MHA
+
+
+def _capture_attn_inputs(lm_config, params, tokens_BT):
+    """The input of every attention layer (the ``attn_norm`` output), per unit / block."""
+    from models.transformer import Transformer
+
+    _, state = Transformer(lm_config).apply(
+        {"params": params}, tokens_BT, mutable=["intermediates"],
+        capture_intermediates=lambda mdl, _: mdl.name == "attn_norm")
+    return state["intermediates"]
+
+
+def convert_lm(params, lm_config, *, kv_lora_rank: int, rope_heads: int = 1, calib_tokens_BT=None,
+               balance_kv: bool = True):
+    """Convert every GQA/MHA/MQA layer of a ``models.transformer`` LM into MLA.
+
+    Args:
+      params: the LM's params tree (``{"params": ...}`` or bare, boxed or not; scanned or not).
+      lm_config: its ``LMConfig``.
+      kv_lora_rank, rope_heads, balance_kv: as ``convert_gqa_to_mla``.
+      calib_tokens_BT: optional ``[B, T]`` tokens whose per-layer attention inputs drive the PCAs.
+
+    Returns:
+      ``(new_params, new_lm_config)``: the pattern names of converted layers become "mla",
+      with ``attn_overrides["mla"]`` holding the converted layer config.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from models.transformer import LMConfig, Transformer
+      >>> cfg = LMConfig(vocab_size=16, d_model=16, num_layers=1, num_heads=2, attn="mqa",
+      ...                dtype="float32")
+      >>> v = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+      >>> v2, cfg2 = convert_lm(v, cfg, kv_lora_rank=8)
+      >>> t = jnp.ones((1, 3), jnp.int32)
+      >>> cfg2.attn, bool(jnp.allclose(Transformer(cfg).apply(v, t)[0], Transformer(cfg2).apply(v2, t)[0],
+      ...                              atol=1e-4))
+      ('mla', True)
+    """
+    wrapped = "params" in params
+    tree = nn.unbox(params["params"] if wrapped else params)
+    cfg = lm_config
+    todo = [j for j, n in enumerate(cfg.pattern) if _convertible(n)]
+    if not todo:
+        raise ValueError(f"convert_lm: no GQA/MHA/MQA layer in attn={cfg.attn!r}")
+    inputs = None if calib_tokens_BT is None else _capture_attn_inputs(cfg, tree, calib_tokens_BT)
+    units = ["units"] if cfg.scan_layers else [f"unit_{u}" for u in range(cfg.num_repeats)]
+    tree = _to_dicts(tree)
+    new_cfgs = set()
+    for j in todo:
+        layer_cfg = cfg.layer_configs[j]
+        for unit in units:
+            block = tree[unit][f"block_{j}"]
+            x = None if inputs is None else inputs[unit][f"block_{j}"]["attn_norm"]["__call__"][0]
+
+            def one(p, xs):
+                out, m = convert_gqa_to_mla(p, layer_cfg, kv_lora_rank=kv_lora_rank,
+                                            rope_heads=rope_heads, calib_x_BTD=xs, balance_kv=balance_kv)
+                new_cfgs.add(m)
+                return out
+
+            if cfg.scan_layers:  # leading layer axis: convert each repeat, restack
+                outs = [one(jax.tree_util.tree_map(lambda a: a[i], block["attn"]),
+                            None if x is None else x[i]) for i in range(cfg.num_repeats)]
+                block["attn"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+            else:
+                block["attn"] = one(block["attn"], x)
+    if len(new_cfgs) != 1:
+        raise NotImplementedError(
+            "convert_lm: converted layers differ in shape (num_kv_heads / head_dim / window...), "
+            "but one LM pattern name carries one config; convert such stacks layer by layer")
+    (m,) = new_cfgs
+    if "mla" in cfg.pattern:
+        raise NotImplementedError("convert_lm: the pattern already has 'mla' layers with their own config")
+    common = set(cfg.common_attention_fields()) - {"rope", "head_dim"}
+    mla_over = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in common}
+    overrides = {k: dict(v) for k, v in cfg.attn_overrides.items() if not _convertible(k)}
+    overrides["mla"] = mla_over
+    pattern = ",".join("mla" if _convertible(n) else n for n in cfg.pattern)
+    new_cfg = dataclasses.replace(cfg, attn=pattern, attn_overrides=overrides)
+    assert all(new_cfg.layer_configs[j] == m for j in todo), (new_cfg.layer_configs, m)
+    return ({"params": tree} if wrapped else tree), new_cfg
+
+
+def _to_dicts(tree):
+    """Nested mappings (FrozenDict included) as plain dicts, so subtrees can be replaced."""
+    if hasattr(tree, "items"):
+        return {k: _to_dicts(v) for k, v in tree.items()}
+    return tree
