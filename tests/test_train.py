@@ -1,0 +1,255 @@
+"""The training loop: smoke run, data parallelism, resume, non-finite stop, config errors.
+
+Every run here uses one tiny MQAR configuration so the compiled train / eval steps are
+built once (``trainer._compiled_for`` caches them) and reused by all tests.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from train import NonFiniteLossError, train_and_evaluate, trainer
+from train.config_args import load_config
+from train.data import MQARSource
+from train.metrics import read_scalars
+from train.optim import OptimConfig, make_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, SAVE_EVERY = 24, 8
+
+
+def tiny_config(spec="configs/mqar.py"):
+    """configs/mqar.py shrunk to a few seconds of CPU work."""
+    c = load_config(os.path.join(ROOT, spec))
+    c.model.update(dict(vocab_size=64, d_model=32, num_layers=1, num_heads=2))
+    c.data.update(dict(seq_len=32, batch_size=16, eval_batch_size=16))
+    c.data.options.update(dict(vocab_size=64, num_kv_pairs=4))
+    c.optim.update(dict(warmup_steps=2, learning_rate=1e-2))
+    c.train.update(dict(num_steps=STEPS, log_every=4, eval_every=12, eval_steps=1, progress_bar=False))
+    c.checkpoint.update(dict(every_steps=SAVE_EVERY, max_to_keep=2))
+    return c
+
+
+def saved_state(workdir, step):
+    """The raw state pytree of checkpoint ``step`` (numpy / jax arrays, no target)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    with ocp.StandardCheckpointer() as ck:
+        return ck.restore(path)
+
+
+def steps_saved(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted run: (workdir, returned metrics)."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    return workdir, train_and_evaluate(tiny_config(), workdir)
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("spec", ["configs/mqar.py", "configs/mqar.py:attn=gqa",
+                                  "configs/mqar.py:attn=mqa,dtype=bfloat16", "configs/text.py",
+                                  "configs/text.py:size=M,attn=gqa"])
+def test_shipped_configs_validate(spec):
+    exp = trainer.parse_config(load_config(os.path.join(ROOT, spec)))
+    assert exp.data.source in ("mqar", "text")
+    if "attn=gqa" in spec and "mqar" in spec:
+        assert exp.model.layer_configs[0].num_kv_heads == 2
+
+
+@pytest.mark.parametrize("section, key", [("train", "bogus"), ("optim", "lr"), ("mesh", "axes"),
+                                          ("checkpoint", "keep"), ("data", "colour")])
+def test_unknown_config_key_names_it(section, key):
+    c = tiny_config()
+    c[section][key] = 1
+    with pytest.raises(ValueError, match=rf"{section}\.{key}"):
+        train_and_evaluate(c, "/nonexistent/never-created")
+
+
+def test_other_config_errors_are_clear(tmp_path):
+    c = tiny_config()
+    c.model.colour = "red"
+    with pytest.raises(ValueError, match="colour"):
+        trainer.parse_config(c)
+    c = tiny_config()
+    c.data.options.bogus = 1
+    with pytest.raises(ValueError, match=r"data\.options\.bogus"):
+        train_and_evaluate(c, str(tmp_path))
+    c = tiny_config()
+    c.extra = {}
+    with pytest.raises(ValueError, match="unknown config section 'extra'"):
+        trainer.parse_config(c)
+    c = tiny_config()
+    c.model.vocab_size = 32
+    with pytest.raises(ValueError, match="model.vocab_size=32"):
+        train_and_evaluate(c, str(tmp_path))
+    c = tiny_config()
+    c.data.batch_size = 12  # 8 devices split the batch
+    with pytest.raises(ValueError, match="data.batch_size=12"):
+        train_and_evaluate(c, str(tmp_path))
+    with pytest.raises(ValueError, match="mesh.shape"):
+        c = tiny_config()
+        c.mesh.shape = (3, -1, 1, 1)
+        train_and_evaluate(c, str(tmp_path))
+
+
+def test_missing_token_file_fails_before_compiling(tmp_path):
+    c = tiny_config()
+    c.data.source = "tokens"
+    missing = str(tmp_path / "nowhere.bin")
+    c.data.options = {"path": missing, "vocab_size": 64}
+    compiled_before = dict(trainer._COMPILED)
+    with pytest.raises(FileNotFoundError, match="nowhere.bin"):
+        train_and_evaluate(c, str(tmp_path / "run"))
+    assert trainer._COMPILED == compiled_before
+
+
+# --------------------------------------------------------------------------- runs
+def test_smoke_run_learns_and_logs(reference_run):
+    workdir, result = reference_run
+    assert result["step"] == STEPS
+    assert 0.0 <= result["eval/accuracy"] <= 1.0 and np.isfinite(result["eval/loss"])
+    scalars = read_scalars(os.path.join(workdir, "tb"))
+    for tag in ("train/loss", "train/accuracy", "train/lr", "train/grad_norm",
+                "train/tokens_per_s", "eval/loss", "eval/accuracy"):
+        assert tag in scalars, tag
+    losses = [v for _, v in scalars["train/loss"]]
+    assert [s for s, _ in scalars["train/loss"]] == list(range(4, STEPS + 1, 4))
+    assert losses[-1] < losses[0] - 0.3, losses  # the loss falls
+    assert [s for s, _ in scalars["eval/accuracy"]] == [12, STEPS]  # periodic + final
+    # max_to_keep=2 of the saves at 8, 16, 24.
+    assert steps_saved(workdir) == [16, 24]
+
+
+def test_state_is_sharded_over_all_devices(reference_run):
+    assert jax.device_count() == 8
+    c = trainer._compiled_for(trainer.parse_config(tiny_config()))
+    assert dict(c.mesh.shape) == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
+    assert c.batch_sharding.spec[0] == ("data", "fsdp")
+    for s in jax.tree.leaves(c.state_shardings):
+        assert s.mesh.devices.size == 8
+
+
+def test_fsdp_mesh_creates_state_sharded(tmp_path):
+    c = tiny_config()
+    c.mesh.shape = (-1, 2, 1, 1)  # data 4 x fsdp 2: EMBED params split over fsdp
+    comp = trainer._compiled_for(trainer.parse_config(c))
+    state = comp.init(jax.random.key(0))
+    emb = state["params"]["embedding"]  # [V, D] with logical axes (VOCAB, EMBED)
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert {tuple(s.data.shape) for s in emb.addressable_shards} == {(64, 16)}
+    mu = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == emb.shape]
+    assert mu and all(x.sharding.spec == emb.sharding.spec for x in mu)  # Adam moments follow
+
+
+def test_kill_and_resume_is_bit_identical(reference_run, tmp_path, monkeypatch):
+    ref_dir, ref_result = reference_run
+    workdir = str(tmp_path)
+    original = MQARSource.batch
+
+    def crash_at_13(self, split, step, batch_size):
+        if split == "train" and step == 13:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, split, step, batch_size)
+
+    monkeypatch.setattr(MQARSource, "batch", crash_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(tiny_config(), workdir)
+    assert steps_saved(workdir) == [8]
+    requested = []
+
+    def record(self, split, step, batch_size):
+        requested.append((split, step))
+        return original(self, split, step, batch_size)
+
+    monkeypatch.setattr(MQARSource, "batch", record)
+    result = train_and_evaluate(tiny_config(), workdir)
+    # It really resumed: the first training batch asked for is step 8, not 0.
+    assert min(step for split, step in requested if split == "train") == 8
+    assert steps_saved(workdir) == [16, 24]
+    got, want = saved_state(workdir, STEPS), saved_state(ref_dir, STEPS)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert result["eval/loss"] == ref_result["eval/loss"]
+    assert result["train/loss"] == ref_result["train/loss"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    original = MQARSource.batch
+
+    def nan_at_10(self, split, step, batch_size):
+        b = original(self, split, step, batch_size)
+        if split == "train" and step == 10:  # the 11th update
+            b["weights"] = np.full_like(b["weights"], np.nan)
+        return b
+
+    monkeypatch.setattr(MQARSource, "batch", nan_at_10)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 11.*Last good checkpoint: step 8") as e:
+        train_and_evaluate(tiny_config(), workdir)
+    assert e.value.step == 11 and e.value.last_checkpoint == 8
+    assert steps_saved(workdir) == [8]
+    state = saved_state(workdir, 8)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+# --------------------------------------------------------------------------- optimizers
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_optimizers_update_and_schedule(name):
+    P = jax.sharding.PartitionSpec
+    params = {"embedding": jnp.ones((8, 4)), "q_kernel": jnp.ones((4, 2, 3)),
+              "o_kernel": jnp.ones((2, 3, 4)), "scale": jnp.ones((4,))}
+    param_axes = {"embedding": P("vocab", "embed"), "q_kernel": P("embed", "heads", "head_dim"),
+                  "o_kernel": P("heads", "head_dim", "embed"), "scale": P("embed")}
+    tx, schedule = make_optimizer(OptimConfig(name=name, learning_rate=0.1, warmup_steps=2,
+                                              min_lr_ratio=0.0), 10, param_axes)
+    assert [round(float(schedule(i)), 4) for i in (0, 1, 2, 10)] == [0.0, 0.05, 0.1, 0.0]
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) and float(jnp.abs(u).max()) > 0
+               for u in jax.tree.leaves(updates))
+    with pytest.raises(ValueError, match="optim.name='sgd'"):
+        OptimConfig(name="sgd")
+
+
+def test_muon_reads_fan_in_from_logical_axes():
+    from train.optim import _muon_dims
+
+    P = jax.sharding.PartitionSpec
+    params = {"emb": jnp.ones((8, 4)), "q": jnp.ones((4, 2, 3)), "o": jnp.ones((2, 3, 4)),
+              "w": jnp.ones((4, 6)), "scanned_q": jnp.ones((5, 4, 2, 3)), "s": jnp.ones((4,))}
+    axes_ = {"emb": P("vocab", "embed"), "q": P("embed", "heads", "head_dim"),
+             "o": P("heads", "head_dim", "embed"), "w": P("embed", "mlp"),
+             "scanned_q": P("layers", "embed", "heads", "head_dim"), "s": P("embed")}
+    dims = _muon_dims(params, axes_)
+    assert dims["emb"] is None and dims["s"] is None  # Adam
+    assert (dims["q"].reduction_axis, dims["q"].output_axis) == ((0,), (1, 2))
+    assert (dims["o"].reduction_axis, dims["o"].output_axis) == ((0, 1), (2,))
+    assert (dims["w"].reduction_axis, dims["w"].output_axis) == ((0,), (1,))
+    assert (dims["scanned_q"].reduction_axis, dims["scanned_q"].output_axis) == ((1,), (2, 3))
+
+
+# --------------------------------------------------------------------------- command line
+def test_command_line_runs_text_config_and_reports_bits_per_byte(tmp_path):
+    overrides = dict(model_d_model=32, model_num_layers=1, data_seq_len=32, data_batch_size=8,
+                     data_eval_batch_size=8, train_eval_steps=1, train_progress_bar=False)
+    flags = [f"--config.{k.replace('_', '.', 1)}={v}" for k, v in overrides.items()]
+    out = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "configs/text.py:steps=4", *flags,
+         "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval/bits_per_byte" in out.stdout and "FINAL EVAL ACCURACY" in out.stdout
+    assert steps_saved(str(tmp_path)) == [4]

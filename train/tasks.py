@@ -1,0 +1,194 @@
+"""Tasks: what a model is, how a batch goes through it, and what the loss sees.
+
+The trainer is one loop for every kind of model. ``config.task`` (default "lm") names a
+``Task`` in this registry; the trainer asks it for:
+
+* ``config_from_dict(config.model)``: the validated model config dataclass;
+* ``build_model(model_config)``: the linen module;
+* ``example_batch(model_config, data_config, B)``: zeros shaped like a batch, for
+  ``model.init`` (the trainer never needs to know an image from a token);
+* ``model_inputs(batch)``: ``(args, kwargs)`` for ``model.apply`` / ``model.init``;
+* ``outputs(model_out, batch)``: ``(logits [B, T, V], targets [B, T], weights [B, T])``,
+  which the trainer turns into weighted cross-entropy and accuracy
+  (``train.metrics.weighted_sums``), so loss, metrics, eval and logging are shared;
+* ``check_compatible(model_config, source)``: cross-section checks.
+
+Built-in tasks:
+
+  lm        next-token CE on ``weights`` (``models.transformer.Transformer``).
+  classify  CE + accuracy on ``labels`` (``models.vit.ViT``); logits ``[B, C]`` are
+            seen as ``[B, 1, C]`` so one loss serves all tasks.
+  vlm       answer-token CE + accuracy (``models.vlm.VLM``): ``weights`` mark the
+            position that predicts the answer.
+
+A new task is one ``register_task(Task(...))`` call; nothing in the trainer changes.
+
+Example:
+  >>> from train import tasks
+  >>> sorted(tasks.names())
+  ['classify', 'lm', 'vlm']
+  >>> tasks.get("lm").name
+  'lm'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One kind of training problem (see the module docstring for each field)."""
+
+    name: str
+    config_from_dict: Callable[[dict], Any]
+    build_model: Callable[[Any], Any]
+    example_batch: Callable[[Any, Any, int], dict]
+    model_inputs: Callable[[dict], tuple[tuple, dict]]
+    outputs: Callable[[Any, dict], tuple[Any, Any, Any]]
+    check_compatible: Callable[[Any, Any], None] = lambda model_config, source: None
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Make ``task`` available as ``config.task = task.name`` (re-registering replaces)."""
+    _TASKS[task.name] = task
+    return task
+
+
+def names() -> tuple[str, ...]:
+    return tuple(sorted(_TASKS))
+
+
+def get(name: str) -> Task:
+    """The task registered as ``name``; ``ValueError`` naming ``config.task`` otherwise."""
+    if name not in _TASKS:
+        raise ValueError(f"config.task={name!r} is not a registered task; known: {sorted(_TASKS)}")
+    return _TASKS[name]
+
+
+# --------------------------------------------------------------------------- lm
+def _lm_config(d):
+    from models.transformer import LMConfig
+
+    return LMConfig.from_dict(d)
+
+
+def _lm_model(cfg):
+    from models.transformer import Transformer
+
+    return Transformer(cfg)
+
+
+def _lm_check(cfg, source) -> None:
+    if cfg.vocab_size < source.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the vocab of "
+            f"data.source={source.config.source!r} ({source.vocab_size})")
+
+
+register_task(Task(
+    name="lm",
+    config_from_dict=_lm_config,
+    build_model=_lm_model,
+    example_batch=lambda cfg, data, B: {"inputs": jnp.zeros((B, data.seq_len), jnp.int32)},
+    model_inputs=lambda b: ((b["inputs"],), dict(positions_BT=b.get("positions"),
+                                                 segment_ids_BT=b.get("segment_ids"))),
+    outputs=lambda out, b: (out[0], b["targets"], b["weights"]),
+    check_compatible=_lm_check,
+))
+
+
+# --------------------------------------------------------------------------- classify
+def _vit_config(d):
+    from models.vit import ViTConfig
+
+    return ViTConfig.from_dict(d)
+
+
+def _vit_model(cfg):
+    from models.vit import ViT
+
+    return ViT(cfg)
+
+
+def _classify_outputs(logits_BC, b):
+    """Classification as a length-1 sequence, so the shared weighted CE applies."""
+    labels_B = b["labels"]
+    weights_B = b.get("weights", jnp.ones(labels_B.shape, jnp.float32))
+    return logits_BC[:, None], labels_B[:, None], weights_B[:, None]
+
+
+def _classify_check(cfg, source) -> None:
+    if cfg.num_classes < source.num_classes:
+        raise ValueError(f"model.num_classes={cfg.num_classes} is smaller than the "
+                         f"{source.num_classes} classes of data.source={source.config.source!r}")
+    if tuple(cfg.image_size) + (cfg.channels,) != tuple(source.image_shape):
+        raise ValueError(f"model.image_size={cfg.image_size}, channels={cfg.channels} do not match "
+                         f"data.source={source.config.source!r} images of shape {source.image_shape}")
+
+
+register_task(Task(
+    name="classify",
+    config_from_dict=_vit_config,
+    build_model=_vit_model,
+    example_batch=lambda cfg, data, B: {
+        "images": jnp.zeros((B, *cfg.image_size, cfg.channels), jnp.float32),
+        "labels": jnp.zeros((B,), jnp.int32)},
+    model_inputs=lambda b: ((b["images"],), {}),
+    outputs=_classify_outputs,
+    check_compatible=_classify_check,
+))
+
+
+# --------------------------------------------------------------------------- vlm
+def _vlm_config(d):
+    from models.vlm import VLMConfig
+
+    return VLMConfig.from_dict(d)
+
+
+def _vlm_model(cfg):
+    from models.vlm import VLM
+
+    return VLM(cfg)
+
+
+def _vlm_example(cfg, data, B):
+    I = getattr(data, "options", {}).get("num_images", 1)
+    v = cfg.vision
+    return {"inputs": jnp.zeros((B, data.seq_len), jnp.int32),
+            "images": jnp.zeros((B, I, *v.image_size, v.channels), jnp.float32)}
+
+
+def _vlm_check(cfg, source) -> None:
+    _lm_check(cfg.lm, source)
+    if source.image_token_id != cfg.image_token_id:
+        raise ValueError(f"model.image_token_id={cfg.image_token_id} differs from the placeholder "
+                         f"id {source.image_token_id} of data.source={source.config.source!r}")
+    if source.tokens_per_image != cfg.tokens_per_image:
+        raise ValueError(f"the model makes {cfg.tokens_per_image} tokens per image, but "
+                         f"data.source={source.config.source!r} leaves {source.tokens_per_image} "
+                         f"placeholders per image")
+
+
+register_task(Task(
+    name="vlm",
+    config_from_dict=_vlm_config,
+    build_model=_vlm_model,
+    example_batch=_vlm_example,
+    model_inputs=lambda b: ((b["inputs"], b["images"]), {}),
+    outputs=lambda out, b: (out[0], b["targets"], b["weights"]),
+    check_compatible=_vlm_check,
+))
+
+
+def abstract_batch(batch: dict) -> dict:
+    """Shapes and dtypes of a batch (numpy or jax), for compile keys and logging."""
+    return {k: (tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for k, v in batch.items()}

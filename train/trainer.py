@@ -1,0 +1,435 @@
+"""``train_and_evaluate(config, workdir)``: the sharded training loop.
+
+What one call does, in order:
+  1. validate every config section into its dataclass (before anything compiles);
+  2. build the data source (file errors surface here), the mesh and the optimizer;
+  3. create the train state already sharded (``jit(init, out_shardings=...)``), or
+     restore the latest checkpoint in ``workdir/checkpoints``;
+  4. loop: batch = source(seed, step) -> jitted, donated train step; metrics are pulled
+     to the host every ``log_every`` steps (and before every save), checked for
+     non-finite values, written to tensorboard and the progress bar;
+  5. evaluate every ``eval_every`` steps and at the end; return the final metrics.
+
+Example:
+  >>> from train.trainer import train_and_evaluate                    # doctest: +SKIP
+  >>> import importlib.util                                            # doctest: +SKIP
+  >>> spec = importlib.util.spec_from_file_location("c", "configs/mqar.py")  # doctest: +SKIP
+  >>> mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)  # doctest: +SKIP
+  >>> train_and_evaluate(mod.get_config("steps=50"), "/tmp/mqar")["eval/accuracy"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train import sharding as shd
+from train import tasks
+from train.checkpoint import CheckpointConfig, Checkpointer
+from train.config_args import dataclass_from_dict
+from train.data import DataConfig, DataSource, make_source
+from train.metrics import ScalarWriter, summarize_eval, weighted_sums
+from train.optim import OptimConfig, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training hit a NaN/inf loss or gradient norm; the bad state was not saved.
+
+    Attributes: step (1-based update number), metrics (that step's values),
+    last_checkpoint (step of the last good checkpoint, or None).
+    """
+
+    def __init__(self, message: str, *, step: int, metrics: dict, last_checkpoint: int | None):
+        super().__init__(message)
+        self.step, self.metrics, self.last_checkpoint = step, metrics, last_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The ``config.train`` section.
+
+    Attributes:
+      num_steps: optimizer updates in total (a resumed run continues to this).
+      log_every: pull metrics to the host, check them, write tensorboard every N steps.
+      eval_every: evaluate every N steps (0 = only at the end).
+      eval_steps: eval batches per evaluation (the same batches every time).
+      seed: parameter-initialisation seed (the data seed is ``data.seed``).
+      aux_loss_weight: weight on the sum of everything layers sow into "aux_loss"
+        (for example MoH load balancing); 0.01 is the usual load-balance weight.
+      progress_bar: show a tqdm bar (process 0 only).
+    """
+
+    num_steps: int = 1000
+    log_every: int = 50
+    eval_every: int = 0
+    eval_steps: int = 10
+    seed: int = 0
+    aux_loss_weight: float = 0.01
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("num_steps", "log_every", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every!r}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TrainConfig":
+        return dataclass_from_dict(cls, d, "train")
+
+
+# ----------------------------------------------------------------- model boundary
+# The only code that knows the model's interface: the task named by ``config.task``
+# (train/tasks.py) builds the model, feeds it a batch and says what the loss sees.
+def _forward(task: tasks.Task, model: nn.Module, params, batch: dict):
+    """(logits [B, T, V] float32, targets [B, T], weights [B, T], summed aux loss)."""
+    args, kwargs = task.model_inputs(batch)
+    out, aux_vars = model.apply({"params": params}, *args, **kwargs, mutable=["aux_loss"])
+    logits, targets, weights = task.outputs(out, batch)
+    aux_leaves = jax.tree.leaves(aux_vars.get("aux_loss", {}))
+    aux = sum((jnp.sum(x.astype(jnp.float32)) for x in aux_leaves), jnp.zeros((), jnp.float32))
+    return logits, targets, weights, aux
+
+
+# ----------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """All validated sections of one run."""
+
+    model: Any
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    mesh: shd.MeshConfig
+    checkpoint: CheckpointConfig
+    task: str = "lm"
+
+
+def _plain(x: Any) -> Any:
+    """ConfigDict / FrozenConfigDict -> nested plain dicts."""
+    return x.to_dict() if hasattr(x, "to_dict") else dict(x)
+
+
+def parse_config(config: Any) -> Experiment:
+    """Validate a config (ConfigDict or dict) into an ``Experiment``; errors name the key.
+
+    Example:
+      >>> parse_config({"model": {}, "bogus": {}})
+      Traceback (most recent call last):
+      ...
+      ValueError: unknown config section 'bogus'; known sections: ['checkpoint', 'data', 'mesh', 'model', 'optim', 'train']
+    """
+    config = _plain(config)
+    task = tasks.get(config.get("task", "lm"))  # ValueError names config.task
+    sections: dict[str, Callable[[Any], Any]] = {
+        "model": task.config_from_dict,
+        "data": DataConfig.from_dict,
+        "optim": OptimConfig.from_dict,
+        "train": TrainConfig.from_dict,
+        "mesh": shd.MeshConfig.from_dict,
+        "checkpoint": CheckpointConfig.from_dict,
+    }
+    unknown = sorted(set(config) - set(sections) - {"task"})
+    if unknown:
+        raise ValueError(f"unknown config section {unknown[0]!r}; known sections: {sorted(sections)}")
+    if "model" not in config:
+        raise ValueError("config has no 'model' section")
+    return Experiment(task=task.name,
+                      **{name: build(_plain(config.get(name, {}))) for name, build in sections.items()})
+
+
+def _check_compatible(exp: Experiment, source: DataSource) -> None:
+    """Cross-section checks that no single dataclass can make (the task knows them)."""
+    tasks.get(exp.task).check_compatible(exp.model, source)
+
+
+# ----------------------------------------------------------------- compiled functions
+@dataclasses.dataclass
+class _Compiled:
+    mesh: Any
+    rules: tuple
+    state_shardings: Any
+    param_shardings: Any
+    batch_sharding: NamedSharding
+    abstract_state: Any
+    init: Callable
+    train_step: Callable
+    eval_step: Callable
+
+
+def _compile_key(exp: Experiment) -> str:
+    # repr() of frozen dataclasses: stable and covers every field that enters a trace.
+    return repr((exp.task, exp.model, exp.optim, exp.train.num_steps, exp.train.aux_loss_weight,
+                 exp.mesh, exp.data.seq_len, exp.data.batch_size, exp.data.eval_batch_size,
+                 tuple(jax.devices())))
+
+
+_COMPILED: dict[str, "_Compiled"] = {}
+_COMPILED_MAX = 4
+
+
+def _compiled_for(exp: Experiment) -> _Compiled:
+    """The sharded init / train / eval functions for ``exp``, cached per configuration.
+
+    Why cache: several runs in one process (tests, notebooks, sweeps over seeds) reuse
+    the same compiled executables instead of re-tracing identical programs. (The
+    configs hold dicts, so they are keyed by repr rather than hashed.)
+    """
+    key = _compile_key(exp)
+    if key not in _COMPILED:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = _build_compiled(exp)
+    return _COMPILED[key]
+
+
+def _build_compiled(exp: Experiment) -> _Compiled:
+    """Mesh, shardings and the jitted init / train / eval functions."""
+    mesh = shd.make_mesh(exp.mesh)
+    rules = exp.mesh.logical_rules
+    task = tasks.get(exp.task)
+    model = task.build_model(exp.model)
+    B = exp.data.batch_size
+    batch_sharding = shd.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, P())
+
+    def init_boxed(rng):
+        args, kwargs = task.model_inputs(task.example_batch(exp.model, exp.data, B))
+        return model.init(rng, *args, **kwargs)["params"]
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    # Logical names per parameter: the optimizer may use them (Muon's fan-in axes).
+    tx, schedule = make_optimizer(exp.optim, exp.train.num_steps, nn.get_partition_spec(boxed))
+
+    def init_state(rng):
+        params = nn.meta.unbox(init_boxed(rng))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+    param_shardings = shd.logical_shardings(boxed, mesh, rules)
+    state_shardings = {
+        "step": replicated,
+        "params": param_shardings,
+        "opt_state": shd.shardings_like_params(abstract_state["opt_state"], abstract_state["params"],
+                                               param_shardings, mesh),
+    }
+    aux_weight = exp.train.aux_loss_weight
+
+    def train_step(state, batch):
+        def loss_fn(params):
+            logits_BTV, targets_BT, weights_BT, aux = _forward(task, model, params, batch)
+            sums = weighted_sums(logits_BTV, targets_BT, weights_BT)
+            ce = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
+            return ce + aux_weight * aux, (ce, aux, sums)
+
+        (loss, (ce, aux, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": loss,
+            "ce": ce,
+            "aux_loss": aux,
+            "accuracy": sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state["step"]),
+        }
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    def eval_step(params, batch):
+        logits_BTV, targets_BT, weights_BT, _ = _forward(task, model, params, batch)
+        return weighted_sums(logits_BTV, targets_BT, weights_BT)
+
+    return _Compiled(
+        mesh=mesh,
+        rules=rules,
+        state_shardings=state_shardings,
+        param_shardings=param_shardings,
+        batch_sharding=batch_sharding,
+        abstract_state=jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings),
+        init=jax.jit(init_state, out_shardings=state_shardings),
+        # Batches arrive already placed by put_batch, whose spec follows each array's
+        # rank (labels [B], images [B, H, W, C]); None keeps those placements.
+        train_step=jax.jit(train_step, in_shardings=(state_shardings, None),
+                           out_shardings=(state_shardings, replicated), donate_argnums=0),
+        eval_step=jax.jit(eval_step, in_shardings=(param_shardings, None),
+                          out_shardings=replicated),
+    )
+
+
+# ----------------------------------------------------------------- the loop
+def _check_batch_divisible(name: str, size: int, sharding: NamedSharding) -> None:
+    n = shd.batch_shard_count(sharding)
+    if size % n:
+        raise ValueError(f"data.{name}={size} must be divisible by the {n} batch shards of the mesh "
+                         f"(mesh.shape data x fsdp)")
+
+
+def _evaluate(c: _Compiled, params, source: DataSource, exp: Experiment) -> dict[str, float]:
+    """Mean loss / accuracy over the fixed eval batches 0..eval_steps-1."""
+    B = exp.data.eval_batch_size or exp.data.batch_size
+    totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+    for i in range(exp.train.eval_steps):
+        sums = c.eval_step(params, shd.put_batch(source.batch("eval", i, B), c.batch_sharding))
+        for k, v in jax.device_get(sums).items():
+            totals[k] += float(v)  # float64 on the host: no drift over many batches
+    return summarize_eval(totals, source.token_unit)
+
+
+def _progress(exp: Experiment, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=exp.train.num_steps, initial=start, desc="train", dynamic_ncols=True,
+                disable=not exp.train.progress_bar or jax.process_index() != 0)
+
+
+def _say(bar, msg: str) -> None:
+    """Print above the progress bar (or log when there is none)."""
+    if jax.process_index() != 0:
+        return
+    if bar is not None and not bar.disable:
+        bar.write(msg)
+    else:
+        log.info(msg)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+    """Train the configured model, evaluating and checkpointing into ``workdir``.
+
+    Args:
+      config: an ml_collections ConfigDict (or dict) with sections model, data, optim,
+        train, mesh, checkpoint (see ``configs/mqar.py``).
+      workdir: checkpoints go to ``workdir/checkpoints``, tensorboard events to
+        ``workdir/tb``; an existing checkpoint there is resumed.
+
+    Returns:
+      Final metrics: step, train/loss, eval/loss, eval/accuracy (and eval/bits_per_byte
+      for byte-level data), tokens_per_s, wall_time_s.
+
+    Raises:
+      ValueError: a config key or value is invalid (before anything compiles).
+      NonFiniteLossError: the loss or gradient norm became NaN/inf.
+    """
+    t_start = time.time()
+    exp = parse_config(config)
+    source = make_source(exp.data)
+    _check_compatible(exp, source)
+    batch_sharding = shd.batch_sharding(shd.make_mesh(exp.mesh), exp.mesh.logical_rules)
+    _check_batch_divisible("batch_size", exp.data.batch_size, batch_sharding)
+    _check_batch_divisible("eval_batch_size", exp.data.eval_batch_size or exp.data.batch_size,
+                           batch_sharding)
+    c = _compiled_for(exp)
+
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(exp), f, indent=2, default=str)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint)
+    writer = ScalarWriter(os.path.join(workdir, "tb"))
+    bar = None
+    try:
+        with jax.set_mesh(c.mesh), nn.logical_axis_rules(c.rules):
+            state, start = _init_or_restore(c, ckpt, exp)
+            bar = _progress(exp, start)
+            state, last = _train_loop(c, exp, source, state, start, ckpt, writer, bar)
+            result = {"step": exp.train.num_steps, **last}
+            result.update(_evaluate(c, state["params"], source, exp))
+        writer.write(exp.train.num_steps, {k: v for k, v in result.items() if k.startswith("eval/")})
+        result["wall_time_s"] = time.time() - t_start
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items()) if k.startswith("eval/"))
+        _say(bar, f"final eval at step {exp.train.num_steps}: {summary}")
+        return result
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()  # waits for an in-flight async save: the last good one stays complete
+        writer.close()
+
+
+def _init_or_restore(c: _Compiled, ckpt: Checkpointer, exp: Experiment):
+    """A freshly initialised sharded state, or the latest checkpoint's; and its step."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        state = c.init(jax.random.key(exp.train.seed))
+        return state, 0
+    state, data_state = ckpt.restore(latest, c.abstract_state)
+    if (data_state.get("seed"), data_state.get("source")) != (exp.data.seed, exp.data.source):
+        log.warning("resuming with data seed/source %s, checkpoint has %s: batches will differ "
+                    "from the original run", (exp.data.seed, exp.data.source),
+                    (data_state.get("seed"), data_state.get("source")))
+    step = int(data_state["step"])
+    log.info("resumed from %s at step %d", ckpt.directory, step)
+    return state, step
+
+
+def _train_loop(c, exp, source, state, start, ckpt, writer, bar):
+    """Steps ``start..num_steps``; returns (state, last logged train metrics)."""
+    tcfg, B, T = exp.train, exp.data.batch_size, exp.data.seq_len
+    pending: list[tuple[int, dict]] = []  # device metrics not yet pulled to the host
+    last: dict[str, float] = {}
+    t_last, steps_since = time.time(), 0
+
+    for step in range(start, tcfg.num_steps):
+        batch = shd.put_batch(source.batch("train", step, B), c.batch_sharding)
+        state, metrics = c.train_step(state, batch)
+        done = step + 1  # updates applied so far
+        pending.append((done, metrics))
+        steps_since += 1
+        bar.update(1)
+        is_last = done == tcfg.num_steps
+        save_now = exp.checkpoint.enabled and (done % exp.checkpoint.every_steps == 0 or is_last)
+        eval_now = tcfg.eval_every and done % tcfg.eval_every == 0 and not is_last
+        if not (done % tcfg.log_every == 0 or is_last or save_now or eval_now):
+            continue
+        # Pulling metrics syncs with the device, so it happens only every log_every
+        # steps -- and always before a save, so a non-finite state is never written.
+        host = jax.device_get(pending)
+        pending.clear()
+        for s, m in host:
+            m = {k: float(v) for k, v in m.items()}
+            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                _stop_non_finite(s, m, ckpt, bar)
+        tokens_per_s = steps_since * B * T / max(time.time() - t_last, 1e-9)
+        last = {f"train/{k}": v for k, v in m.items()}
+        last["train/tokens_per_s"] = tokens_per_s
+        writer.write(done, last)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if eval_now:
+            ev = _evaluate(c, state["params"], source, exp)
+            writer.write(done, ev)
+            _say(bar, f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+        if save_now:
+            ckpt.save(done, state, {"step": done, "seed": exp.data.seed, "source": exp.data.source})
+        writer.flush()
+        t_last, steps_since = time.time(), 0  # eval and save time do not count as training
+    return state, last
+
+
+def _stop_non_finite(step: int, m: dict, ckpt: Checkpointer, bar) -> None:
+    """Log, let any in-flight save finish, and raise NonFiniteLossError."""
+    ckpt.wait()
+    good = ckpt.latest_step()
+    where = f"step {good} in {ckpt.directory}" if good is not None else "none (no checkpoint was saved yet)"
+    msg = (f"non-finite loss at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']}, "
+           f"lr={m['lr']:.3g}. Training stopped; the non-finite state was not saved. "
+           f"Last good checkpoint: {where}. Try a lower optim.learning_rate, a tighter "
+           f"optim.grad_clip_norm, or model.dtype='float32'.")
+    log.error(msg)
+    _say(bar, msg)
+    raise NonFiniteLossError(msg, step=step, metrics=m, last_checkpoint=good)
