@@ -6,7 +6,8 @@ variant reaches >= 99.9% eval accuracy, printed at the end as FINAL EVAL ACCURAC
     python -m train --config configs/mqar.py:attn=gqa --workdir runs/mqar
 
 Arguments after ``:`` (comma separated key=value):
-  attn    mha | gqa | mqa            the attention mechanism of every layer
+  attn    a registered mechanism     mha | gqa | mqa | mla | cca | ccgqa | moh ..., or a
+          or a pattern with "+"      repeating pattern such as gqa+mla (hybrid stacks)
   steps   int                        training steps
   optim   muon | adamw               optimizer (adamw needs steps=3000 to pass 95%)
   seed    int                        init and data seed
@@ -18,7 +19,22 @@ Every default lives in this file.
 
 from ml_collections import ConfigDict
 
+from attn import registry
 from train.config_args import check_choice, parse_arg_string
+
+# Per-mechanism overrides at this width (d_model 64, 4 heads, head_dim 32). Only the
+# mechanisms in the pattern are passed on: LMConfig rejects overrides for others.
+MECHANISM_OVERRIDES = {
+    # The registry's default K = N // 4 would equal mqa at 4 heads; 2 keeps them distinct.
+    "gqa": {"num_kv_heads": 2},
+    # DeepSeek's defaults (L 512, heads 128/64/128) are for D = 5120; scaled to D = 64
+    # this caches 40 numbers per token against gqa's 128.
+    "mla": {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+            "v_head_dim": 16},
+    # The paper's gates shrink every head's output ~3x at init and MoH then stalls on
+    # MQAR; the released code's rescaling (each active head starts at weight 1) learns.
+    "moh": {"gate_scaling": "official"},
+}
 
 ARGS = {
     "attn": "mha",
@@ -33,7 +49,11 @@ ARGS = {
 def get_config(arg: str | None = None) -> ConfigDict:
     """The MQAR experiment; ``arg`` is ``"attn=gqa,steps=500"`` style overrides."""
     a = parse_arg_string(arg, ARGS)
-    check_choice("attn", a["attn"], ("mha", "gqa", "mqa"))
+    pattern = a["attn"].split("+")
+    for name in pattern:
+        check_choice("attn", name, registry.names())
+    # The depth is a multiple of the pattern: 2 layers, or one unit of a longer pattern.
+    num_layers = 2 if 2 % len(pattern) == 0 else len(pattern)
     check_choice("dtype", a["dtype"], ("float32", "bfloat16"))
     check_choice("optim", a["optim"], ("muon", "adamw"))
     vocab, seq_len = 128, 64
@@ -42,15 +62,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model = ConfigDict(dict(
         vocab_size=vocab,
         d_model=64,
-        num_layers=2,
+        num_layers=num_layers,
         num_heads=4,
         # Wider heads than D // N = 16: with shared K/V (gqa, mqa) 16 dims leave the
         # recall circuit too little room (mqa needed ~1500 steps at 16, ~700 at 32).
         head_dim=32,
-        attn=a["attn"],
-        # gqa's default K = N // 4 would equal mqa at 4 heads; 2 kv heads keeps them
-        # distinct. (LMConfig rejects overrides for mechanisms not in the pattern.)
-        attn_overrides={"gqa": {"num_kv_heads": 2}} if a["attn"] == "gqa" else {},
+        attn=",".join(pattern),
+        attn_overrides={n: MECHANISM_OVERRIDES[n] for n in dict.fromkeys(pattern)
+                        if n in MECHANISM_OVERRIDES},
         tie_embeddings=False,
         remat="none",
         scan_layers=False,

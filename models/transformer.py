@@ -17,10 +17,9 @@ Layout: token embedding ``[V, D]`` → ``num_layers`` pre-norm blocks
 * Mixed precision: parameters in ``param_dtype`` (float32), compute in ``dtype``
   (bfloat16), norms and logits in float32.
 * Auxiliary losses: a layer may call ``self.sow("aux_loss", name, value)`` with an
-  already-weighted scalar. The trainer applies the model with
-  ``mutable=["aux_loss"]`` and adds ``sum(jnp.sum(x) for x in
-  jax.tree.leaves(aux))`` to the loss (under scan each leaf has a leading layer axis,
-  which the sum covers).
+  unweighted scalar. The trainer applies the model with ``mutable=["aux_loss"]`` and
+  adds ``config.train.aux_loss_weight * sum(jnp.sum(x) for x in jax.tree.leaves(aux))``
+  to the loss (under scan each leaf has a leading layer axis, which the sum covers).
 
 How a trainer calls it::
 
