@@ -1,0 +1,94 @@
+"""benchmarks/: exact FLOP counting, report files, the zoo and train-step CLIs on tiny settings.
+
+Timing numbers are never asserted (DESIGN §2: speed targets live in benchmarks, not in
+timed tests); only that every cell is reported and the files are written.
+"""
+
+import json
+import os
+
+import pytest
+
+from benchmarks import kernels, report, train_step, zoo
+
+SMALL = (
+    kernels.Shape("prefill", 2, 200, 200, 3, 1, 16, 8),   # T > WINDOW and > DOC_LEN: truncation paths
+    kernels.Shape("rect", 1, 40, 150, 2, 2, 16, 16),      # T != S
+    kernels.Shape("decode", 2, 1, 300, 4, 2, 16, 16),     # query at position S-1
+)
+
+
+@pytest.mark.parametrize("shape", SMALL, ids=lambda s: s.name)
+@pytest.mark.parametrize("mask_name", list(kernels.MASKS))
+def test_visible_pairs_match_materialized_mask(shape, mask_name):
+    mask = kernels.MASKS[mask_name](shape)
+    assert kernels.visible_pairs(mask_name, shape) == kernels.visible_pairs_materialized(mask, shape)
+
+
+def test_flops_count_only_visible_pairs():
+    s = kernels.Shape("t", 1, 8, 8, 2, 2, 4, 6)
+    assert kernels.attention_flops("full", s) == 2 * (1 * 2 * 8 * 8) * (4 + 6)
+    assert kernels.attention_flops("causal", s) == 2 * (2 * 36) * (4 + 6)  # 8·9/2 pairs per head
+
+
+def test_kernel_grid_reports_every_cell(tmp_path):
+    impls = ["xla", "pallas_gpu", "jax.nn-xla", "jax.nn-cudnn", "tokamax"]
+    paths = kernels.main(["--grid", "quick", "--impls", ",".join(impls), "--masks", "causal,documents",
+                          "--passes", "fwd,decode", "--reps", "1", "--out-dir", str(tmp_path),
+                          "--stem", "grid"])
+    assert sorted(os.path.basename(p) for p in paths) == ["grid.json", "grid.md"]
+    doc = json.load(open(tmp_path / "grid.json"))
+    assert doc["env"]["device"] == report.device_name() and doc["env"]["command"]
+    rows = doc["rows"]
+    # every (impl, shape, mask, pass) is a row: 2 prefill shapes x fwd + 1 decode shape x decode
+    assert len(rows) == len(impls) * 2 * 3
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["impl"] for r in ok} >= {"xla"}
+    assert all(r["max_rel_err"] < 1e-4 and r["tflops"] > 0 for r in ok)
+    for r in rows:
+        assert r["status"] in ("ok", "unsupported", "skipped", "not installed"), r
+        if r["status"] != "ok":
+            assert r["reason"], r  # never silently dropped: a reason is always given
+    assert all(r["status"] == "unsupported" for r in rows if r["impl"] == "jax.nn-xla" and r["mask"] == "documents")
+    try:
+        import tokamax  # noqa: F401
+    except ImportError:
+        assert all(r["status"] == "not installed" for r in rows if r["impl"] == "tokamax")
+    assert "| impl |" in open(tmp_path / "grid.md").read()
+
+
+def test_zoo_tiny_writes_table_and_plots(tmp_path):
+    out = zoo.main(["--mechanisms", "mha,mla", "--steps", "4", "--widths", "64", "--settings", "64/4",
+                    "--eval-batch", "32", "--eval-steps", "1", "--out-dir", str(tmp_path), "--stem", "z"])
+    names = sorted(os.path.basename(p) for p in out)
+    assert names == ["z-acc-vs-kv.png", "z-acc-vs-width.png", "z.json", "z.md"]
+    assert all(os.path.getsize(p) > 0 for p in out)
+    rows = json.load(open(tmp_path / "z.json"))["rows"]
+    assert [r["mechanism"] for r in rows] == ["mha", "mla"]
+    for r in rows:
+        assert "error" not in r, r
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["step_ms"] > 0
+        assert r["attn_params"] > 0 and r["kv_bytes_per_token"] > 0 and r["attn_flops_per_token"] > 0
+    # MLA caches a latent: fewer KV bytes per token than MHA at the same width
+    assert rows[1]["kv_bytes_per_token"] < rows[0]["kv_bytes_per_token"]
+    assert "| mechanism |" in open(tmp_path / "z.md").read()
+
+
+def test_zoo_overrides_build_valid_configs_for_every_mechanism():
+    from attn import registry
+    from models.transformer import LMConfig
+
+    for name in list(registry.names()) + ["gqa,mla", "moh,gqa"]:
+        for width in (64, 128, 256):
+            c = zoo.build_config(name, width, 256, 16, 10)
+            LMConfig(**c.model.to_dict())  # validates every layer config
+            assert zoo.model_stats(c)["params"] > 0
+
+
+def test_train_step_reports_tokens_and_mfu(tmp_path):
+    paths = train_step.main(["--config", "configs/mqar.py", "--reps", "1", "--out-dir", str(tmp_path),
+                             "--stem", "ts"])
+    row = json.load(open(paths[0]))["rows"][0]
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["peak_tflops"] > 0
+    assert row["train_flops_per_token"] > 6 * row["n_matmul"]  # attention context adds on top
+    assert train_step.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
