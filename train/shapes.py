@@ -66,7 +66,7 @@ def render(scene, image_size: int) -> np.ndarray:
     """Draw ``[(shape, colour, cell, (dy, dx)), ...]`` into an ``[S, S, 3]`` float image.
 
     Example:
-      >>> render([("square", "red", "topleft", (0, 0))], 12).sum() > 0
+      >>> bool(render([("square", "red", "topleft", (0, 0))], 12).sum() > 0)
       True
     """
     img = np.zeros((image_size, image_size, 3), np.float32)

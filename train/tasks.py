@@ -37,7 +37,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax.numpy as jnp
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +187,3 @@ register_task(Task(
     check_compatible=_vlm_check,
 ))
 
-
-def abstract_batch(batch: dict) -> dict:
-    """Shapes and dtypes of a batch (numpy or jax), for compile keys and logging."""
-    return {k: (tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for k, v in batch.items()}

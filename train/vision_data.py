@@ -9,7 +9,7 @@ Classification batches (``task="classify"``)::
   digits        scikit-learn's 8×8 digits (1797 images, 10 classes), a fixed stratified
                 train/test split by ``split_seed``; eval batch i is test rows
                 ``[i·B, (i+1)·B)`` (padding rows have weight 0), so eval covers the
-                test set exactly once when ``eval_steps·eval_batch_size >= 360``.
+                test set exactly once when ``eval_steps·eval_batch_size >= 359``.
   image_folder  ``root/<class>/*.png`` (one subfolder per class, sorted names =
                 labels); read with ``matplotlib.image.imread`` (PNG needs no PIL);
                 every image must have the configured size.
