@@ -73,6 +73,7 @@ from flax import struct
 from attn import registry
 from attn.axes import EMBED, HEAD_DIM, HEADS, KV_HEADS
 from attn.cache import SLOT_META_BYTES, KVCache
+from attn.config_checks import check_runtime_fields, positive_int
 from attn.core import attention
 from attn.masks import Mask
 from attn.mha import mean_context
@@ -82,8 +83,7 @@ Array = Any
 
 
 def _positive_int(field: str, value) -> None:
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"Config.{field} must be a positive int, got {value!r}")
+    positive_int("Config", field, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,15 +164,7 @@ class Config:
         set_("rope", RopeConfig.from_any(self.rope))
         if self.rope is not None:
             self.rope.rotary_dims(self.head_dim)
-        if not isinstance(self.impl, str):
-            raise ValueError(f"Config.impl must be a string, got {self.impl!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"Config.norm_eps must be > 0, got {self.norm_eps!r}")
-        for f in ("dtype", "param_dtype"):
-            try:
-                set_(f, jnp.dtype(getattr(self, f)))
-            except TypeError as e:
-                raise ValueError(f"Config.{f}: not a dtype: {getattr(self, f)!r}") from e
+        check_runtime_fields(self)
 
     def replace(self, **changes) -> "Config":
         """``dataclasses.replace`` (pass num_kv_heads / head_dim again when changing N or D)."""

@@ -47,24 +47,12 @@ import numpy as np
 from attn import registry
 from attn.axes import EMBED, HEAD_DIM, HEADS, KV_HEADS
 from attn.cache import SLOT_META_BYTES, KVCache, RingKVCache
+from attn.config_checks import check_runtime_fields, positive_int as _positive_int
 from attn.core import attention
 from attn.masks import Mask
 from attn.positions import RopeConfig
 
 Array = Any
-
-
-def _dtype(field: str, value) -> jnp.dtype:
-    """Normalise a dtype given as a string or a jnp type; errors name the field."""
-    try:
-        return jnp.dtype(value)
-    except TypeError as e:
-        raise ValueError(f"Config.{field}: not a dtype: {value!r}") from e
-
-
-def _positive_int(owner: str, field: str, value) -> None:
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{owner}.{field} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +127,7 @@ class Config:
             raise ValueError(f"Config.window must be a non-negative int or None, got {self.window!r}")
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"Config.softcap must be > 0 or None, got {self.softcap!r}")
-        if not isinstance(self.impl, str):
-            raise ValueError(f"Config.impl must be a string, got {self.impl!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"Config.norm_eps must be > 0, got {self.norm_eps!r}")
-        set_("dtype", _dtype("dtype", self.dtype))
-        set_("param_dtype", _dtype("param_dtype", self.param_dtype))
+        check_runtime_fields(self)
 
     def replace(self, **changes) -> "Config":
         """``dataclasses.replace``; num_kv_heads / head_dim were resolved at construction,

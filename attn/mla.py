@@ -73,6 +73,7 @@ from flax import struct
 from attn import registry
 from attn.axes import EMBED, HEAD_DIM, HEADS, LATENT
 from attn.cache import SLOT_META_BYTES, KVCache, RingKVCache
+from attn.config_checks import check_runtime_fields, positive_int
 from attn.core import attention
 from attn.masks import Mask
 from attn.mha import mean_context, rms_norm
@@ -86,8 +87,7 @@ def _is_int(v) -> bool:
 
 
 def _positive(field: str, value) -> None:
-    if not (_is_int(value) and value > 0):
-        raise ValueError(f"mla.Config.{field} must be a positive int, got {value!r}")
+    positive_int("mla.Config", field, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,15 +161,7 @@ class Config:
             raise ValueError(f"mla.Config.softcap must be > 0 or None, got {self.softcap!r}")
         if not (self.absorb == "auto" or isinstance(self.absorb, bool)):
             raise ValueError(f"mla.Config.absorb must be 'auto', True or False, got {self.absorb!r}")
-        if not isinstance(self.impl, str):
-            raise ValueError(f"mla.Config.impl must be a string, got {self.impl!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"mla.Config.norm_eps must be > 0, got {self.norm_eps!r}")
-        for f in ("dtype", "param_dtype"):
-            try:
-                set_(f, jnp.dtype(getattr(self, f)))
-            except TypeError as e:
-                raise ValueError(f"mla.Config.{f}: not a dtype: {getattr(self, f)!r}") from e
+        check_runtime_fields(self, "mla.Config")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
