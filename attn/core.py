@@ -196,12 +196,10 @@ def _check_inputs(q, k, v, mask: Mask, sinks, bias) -> None:
     if sinks is not None and tuple(sinks.shape) != (N,):
         raise ValueError(f"attention: sinks must have shape [N]=({N},), got {tuple(sinks.shape)}")
     if bias is not None:
-        try:
-            np.broadcast_shapes(tuple(bias.shape), (B, N, T, S))
+        try:  # broadcastable *to* [B,N,T,S]: the result must be exactly that shape
+            ok = np.broadcast_shapes(tuple(bias.shape), (B, N, T, S)) == (B, N, T, S)
         except ValueError:
             ok = False
-        else:
-            ok = bias.ndim <= 4 and np.broadcast_shapes(tuple(bias.shape), (B, N, T, S)) == (B, N, T, S)
         if not ok:
             raise ValueError(
                 f"attention: bias shape {tuple(bias.shape)} does not broadcast to [B,N,T,S]={(B, N, T, S)}"
