@@ -85,3 +85,17 @@ def row_delta(do_BTNE, o_BTNE, dlse_BNT):
     """``D [B, N, T] = rowsum(dO ∘ O) - dlse`` in float32 (the lse cotangent is a row shift)."""
     D = jnp.einsum("BTNE,BTNE->BNT", do_BTNE.astype(jnp.float32), o_BTNE.astype(jnp.float32))
     return D - dlse_BNT.astype(jnp.float32)
+
+
+def backward_rows(do_BTNE, o_BTNE, lse_BNT, dlse_BNT, q_padded: int):
+    """Per-row backward inputs, padded to ``q_padded`` rows: ``(D, D_p, lse2_p)``.
+
+    ``D`` is unpadded (for ``sink_grad``); ``lse2_p`` is the lse in base 2 with 0 for
+    fully masked rows and +inf for padded rows, so ``exp2(s - lse2)`` is 0 there
+    whatever ``s`` is.
+    """
+    D = row_delta(do_BTNE, o_BTNE, dlse_BNT)
+    lse2 = jnp.where(jnp.isfinite(lse_BNT), lse_BNT * LOG2E, 0.0)
+    pad = q_padded - lse_BNT.shape[-1]
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, pad)), constant_values=jnp.inf)
+    return D, fit(D, 2, q_padded), lse2

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from attn.masks import Mask
 from kernels_pallas.flash import gpu_triton_kernels as kern
 from kernels_pallas.flash import masking
-from kernels_pallas.flash._common import LOG2E, clip_window, fit, row_delta, sink_grad
+from kernels_pallas.flash._common import LOG2E, backward_rows, clip_window, fit, sink_grad
 
 
 class TritonBlocks(NamedTuple):
@@ -195,11 +195,7 @@ def _flash_bwd(plan: Plan, res, cts):
     qp = fit(qp, 1, til.q_padded)
     kp, vp = fit(kp, 1, til.kv_padded), fit(vp, 1, til.kv_padded)
     do_p = fit(fit(do, 1, til.q_padded), 3, cfg.Ep)
-    D = row_delta(do, o, dlse)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)
-    # Padded query rows get lse = +inf so exp2(s - lse) = 0 there whatever s is.
-    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, til.q_padded - cfg.T)), constant_values=jnp.inf)
-    D_p = fit(D, 2, til.q_padded)
+    D, D_p, lse2 = backward_rows(do, o, lse, dlse, til.q_padded)
     extras = _extras(mask, til)
     dq = kern.backward_dq(cfg, til, _pad_table(table), qp, kp, vp, do_p, lse2, D_p, extras)
     dk, dv = kern.backward_dkv(cfg, til, _pad_table(table_t), qp, kp, vp, do_p, lse2, D_p, extras)

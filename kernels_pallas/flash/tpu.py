@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from attn.masks import Mask
 from kernels_pallas.flash import masking, tpu_kernels
-from kernels_pallas.flash._common import LOG2E, clip_window, fit, row_delta, sink_grad
+from kernels_pallas.flash._common import LOG2E, backward_rows, clip_window, fit, sink_grad
 from kernels_pallas.flash.tpu_kernels import KernelCfg
 
 Array = Any
@@ -282,11 +282,7 @@ def _flash_bwd(plan: Plan, res, cts):
     qt = fit(qt, 3, til.q_padded)
     kt, vt = fit(kt, 2, til.kv_padded), fit(vt, 2, til.kv_padded)
     do_t = _q_layout(do, cfg.K, til.q_padded, cfg.Ep)
-    D = row_delta(do, o, dlse)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)
-    # Padded query rows get lse = +inf so exp2(s - lse) = 0 there whatever s is.
-    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, til.q_padded - cfg.T)), constant_values=jnp.inf)
-    D_p = fit(D, 2, til.q_padded)
+    D, D_p, lse2 = backward_rows(do, o, lse, dlse, til.q_padded)
     lse_rows, d_rows = _to_rows(lse2, cfg), _to_rows(D_p, cfg)
     dq_t = tpu_kernels.backward_dq(cfg, til, table, qt, kt, vt, do_t, lse_rows, d_rows,
                                    _extras(mask, cfg, til, transposed=False))
