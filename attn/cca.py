@@ -596,6 +596,7 @@ def _register(name: str, description: str, **factory_kw) -> None:
         name=name, module=CCA, config_cls=Config, init_cache=init_cache, stats=stats,
         make_config=registry.dataclass_config_factory(Config, name, **factory_kw),
         description=description,
+        order_free=False,  # the causal convolutions need neighbouring tokens in order
     ))
 
 

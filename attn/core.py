@@ -31,6 +31,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 from typing import Any, Callable, Protocol
@@ -170,6 +172,45 @@ def select_impl(call: AttentionCall, impl: str = "auto") -> Impl:
     raise NotImplementedError("no attention implementation supports this call: " + "; ".join(reasons))
 
 
+# --------------------------------------------------------------------------- routing
+# A router sees every ``attention()`` call made inside ``route_attention(router)`` before
+# an implementation is chosen. Context parallelism uses it: the layers keep calling
+# ``attention`` on global shapes, and the router re-expresses the call on local shards
+# (``jax.shard_map``) where the layer's own ``impl`` runs. Routers call implementations
+# through ``select_impl(...).fn`` — never ``attention`` — so they cannot recurse.
+Router = Callable[..., "tuple[Array, Array] | None"]
+_ROUTER: contextvars.ContextVar[Router | None] = contextvars.ContextVar("attn_router", default=None)
+
+
+@contextlib.contextmanager
+def route_attention(router: Router | None):
+    """Offer every ``attention()`` call in this block to ``router`` first.
+
+    ``router(call, q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, impl)``
+    returns ``(o, lse)`` to take the call or None to decline it (the call then runs as
+    usual). ``route_attention(None)`` switches routing off inside the block. Routing is
+    read at trace time: wrap the traced function body, not the ``jax.jit`` call site.
+
+    Example:
+      >>> import jax
+      >>> from attn.core import attention, route_attention
+      >>> seen = []
+      >>> def spy(call, q, k, v, **kw):
+      ...     seen.append(call.q_shape)
+      ...     return None  # decline: run normally
+      >>> x = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
+      >>> with route_attention(spy):
+      ...     _ = attention(x, x, x)
+      >>> seen
+      [(1, 4, 2, 8)]
+    """
+    token = _ROUTER.set(router)
+    try:
+        yield
+    finally:
+        _ROUTER.reset(token)
+
+
 # --------------------------------------------------------------------------- validation
 def _check_inputs(q, k, v, mask: Mask, sinks, bias) -> None:
     """Shape and dtype checks, raised as ``ValueError`` before anything traces."""
@@ -264,6 +305,12 @@ def attention(
     _check_inputs(q, k, v, mask, sinks, bias)
     call = make_call(q, k, v, mask=mask, scale=scale, softcap=softcap, sinks=sinks,
                      bias=bias, return_lse=return_lse)
+    router = _ROUTER.get()
+    if router is not None:
+        routed = router(call, q, k, v, mask=mask, scale=call.scale, softcap=softcap, sinks=sinks,
+                        bias=bias, return_lse=return_lse, impl=impl)
+        if routed is not None:
+            return routed if return_lse else routed[0]
     chosen = select_impl(call, impl)
     o, lse = chosen.fn(q, k, v, mask=mask, scale=call.scale, softcap=softcap, sinks=sinks,
                        bias=bias, return_lse=return_lse)

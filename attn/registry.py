@@ -47,6 +47,9 @@ class Mechanism:
         state_bytes)``.
       make_config: ``(common: dict, overrides: dict) -> config``.
       description: one line for tables and the README.
+      order_free: the layer mixes tokens only through ``attention`` masked by positions
+        and segments, so tokens may be stored in any order (context parallelism's zigzag
+        reorders them). False for layers with convolutions or shifts along T.
 
     Example:
       >>> from attn import registry
@@ -61,6 +64,7 @@ class Mechanism:
     stats: Callable[..., dict]
     make_config: Callable[[Mapping[str, Any], Mapping[str, Any]], Any]
     description: str = ""
+    order_free: bool = True
 
 
 def register(mechanism: Mechanism) -> Mechanism:

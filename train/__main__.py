@@ -3,6 +3,11 @@
 The config is loaded by file path (configs are never installed); the text after ``:``
 is passed to its ``get_config(arg)``. Dotted overrides of single values are accepted
 too, e.g. ``--config.train.num_steps=200`` (ml_collections ``config_flags``).
+
+Multi-process runs start the same command in every process, with the process's place
+given by the config's ``distributed`` section or ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (detected on TPU pods and SLURM); see
+``train/distributed.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ def main(argv: list[str]) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in ("train", "attn", "models"):
         logging.getLogger(name).setLevel(logging.INFO)
+    # Before anything else touches a device: a multi-process run (config section
+    # `distributed`, JAX_* variables, or a TPU pod / SLURM job) must join its peers before
+    # the backend starts; a single-process run returns at once.
+    import jax
+
+    from train import distributed
+
+    section = _CONFIG.value.get("distributed", None)
+    distributed.initialize(distributed.DistributedConfig.from_dict(
+        section.to_dict() if hasattr(section, "to_dict") else (section or {})))
     from train.trainer import NonFiniteLossError, train_and_evaluate
 
     try:
@@ -36,6 +51,8 @@ def main(argv: list[str]) -> int:
     except NonFiniteLossError as e:
         print(f"STOPPED: {e}", file=sys.stderr)
         return 3
+    if jax.process_index() != 0:  # every process holds the same (replicated) metrics
+        return 0
     lines = [f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in sorted(metrics.items())]
     print("final metrics:\n" + "\n".join(lines))
     if "eval/accuracy" in metrics:

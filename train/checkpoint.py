@@ -8,6 +8,10 @@ Saves are asynchronous (the device-to-host copy blocks, the write does not); orb
 writes into a temporary directory and renames it when complete, so a run killed
 mid-write leaves the previous checkpoint as the latest.
 
+In a multi-process run every process calls ``save`` / ``restore`` / ``close`` with the
+same step (orbax synchronises them through ``jax.distributed`` and each process writes
+the shards it holds), so the directory must be one that all hosts see.
+
 Example:
   >>> import jax.numpy as jnp, tempfile
   >>> from train.checkpoint import CheckpointConfig, Checkpointer

@@ -41,10 +41,13 @@ class MeshConfig:
       shape: sizes of ("data", "fsdp", "context", "tensor"); one entry may be -1 (fill).
       rules: ((logical name, mesh axis | tuple of axes | None), ...); None = the defaults
         in ``attn.axes.DEFAULT_RULES``.
+      num_devices: use only the first N devices (single-process runs: a one-device
+        reference on a multi-device host, or a smaller mesh while debugging); None = all.
     """
 
     shape: tuple = (-1, 1, 1, 1)
     rules: tuple | None = None
+    num_devices: int | None = None
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -108,6 +111,11 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh with axes ``MESH_AXES`` over ``devices`` (default: all devices, all hosts)."""
     devices = list(devices) if devices is not None else jax.devices()
+    if config.num_devices is not None:
+        if config.num_devices > len(devices) or jax.process_count() > 1:
+            raise ValueError(f"mesh.num_devices={config.num_devices}: have {len(devices)} devices "
+                             f"in {jax.process_count()} process(es); a device subset is single-process only")
+        devices = devices[: config.num_devices]
     shape = resolve_mesh_shape(config.shape, len(devices))
     # Auto axes: the compiler propagates shardings from the annotated params and batch.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),

@@ -12,6 +12,9 @@ The trainer is one loop for every kind of model. ``config.task`` (default "lm") 
   which the trainer turns into weighted cross-entropy and accuracy
   (``train.metrics.weighted_sums``), so loss, metrics, eval and logging are shared;
 * ``check_compatible(model_config, source)``: cross-section checks.
+* ``zigzag_refusal(model_config)``: None when the batch's ``[B, T]`` arrays may be
+  reordered along T for context parallelism's causal load balancing (positions are
+  carried along), else the reason why not.
 
 Built-in tasks:
 
@@ -50,6 +53,8 @@ class Task:
     model_inputs: Callable[[dict], tuple[tuple, dict]]
     outputs: Callable[[Any, dict], tuple[Any, Any, Any]]
     check_compatible: Callable[[Any, Any], None] = lambda model_config, source: None
+    zigzag_refusal: Callable[[Any], str | None] = (
+        lambda model_config: "the task's model is not a causal LM over its batch's token order")
 
 
 _TASKS: dict[str, Task] = {}
@@ -92,6 +97,16 @@ def _lm_check(cfg, source) -> None:
             f"data.source={source.config.source!r} ({source.vocab_size})")
 
 
+def _lm_zigzag_refusal(cfg) -> str | None:
+    from attn import registry
+
+    fixed = sorted({n for n in cfg.attn.replace("+", ",").split(",")
+                    if not registry.get(n.strip()).order_free})
+    if fixed:
+        return f"mechanism(s) {fixed} mix tokens along T outside attention (convolutions/shifts)"
+    return None
+
+
 register_task(Task(
     name="lm",
     config_from_dict=_lm_config,
@@ -101,6 +116,7 @@ register_task(Task(
                                                  segment_ids_BT=b.get("segment_ids"))),
     outputs=lambda out, b: (out[0], b["targets"], b["weights"]),
     check_compatible=_lm_check,
+    zigzag_refusal=_lm_zigzag_refusal,
 ))
 
 

@@ -20,7 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -34,11 +36,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from train import context_parallel as cpl
 from train import sharding as shd
 from train import tasks
 from train.checkpoint import CheckpointConfig, Checkpointer
 from train.config_args import dataclass_from_dict
 from train.data import DataConfig, DataSource, make_source
+from train.distributed import DistributedConfig
 from train.metrics import ScalarWriter, summarize_eval, weighted_sums
 from train.optim import OptimConfig, make_optimizer
 
@@ -117,6 +121,11 @@ class Experiment:
     mesh: shd.MeshConfig
     checkpoint: CheckpointConfig
     task: str = "lm"
+    # Read by train/__main__.py before JAX starts (jax.distributed.initialize); kept here
+    # so the section is validated with the rest and recorded in config.json.
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    context_parallel: cpl.ContextParallelConfig = dataclasses.field(
+        default_factory=cpl.ContextParallelConfig)
 
 
 def _plain(x: Any) -> Any:
@@ -131,7 +140,7 @@ def parse_config(config: Any) -> Experiment:
       >>> parse_config({"model": {}, "bogus": {}})
       Traceback (most recent call last):
       ...
-      ValueError: unknown config section 'bogus'; known sections: ['checkpoint', 'data', 'mesh', 'model', 'optim', 'train']
+      ValueError: unknown config section 'bogus'; known sections: ['checkpoint', 'context_parallel', 'data', 'distributed', 'mesh', 'model', 'optim', 'train']
     """
     config = _plain(config)
     task = tasks.get(config.get("task", "lm"))  # ValueError names config.task
@@ -142,6 +151,8 @@ def parse_config(config: Any) -> Experiment:
         "train": TrainConfig.from_dict,
         "mesh": shd.MeshConfig.from_dict,
         "checkpoint": CheckpointConfig.from_dict,
+        "distributed": DistributedConfig.from_dict,
+        "context_parallel": cpl.ContextParallelConfig.from_dict,
     }
     unknown = sorted(set(config) - set(sections) - {"task"})
     if unknown:
@@ -169,12 +180,14 @@ class _Compiled:
     init: Callable
     train_step: Callable
     eval_step: Callable
+    # Host-side batch preparation: the zigzag reorder under context parallelism.
+    prepare: Callable[[dict], dict] = lambda batch: batch
 
 
 def _compile_key(exp: Experiment) -> str:
     # repr() of frozen dataclasses: stable and covers every field that enters a trace.
     return repr((exp.task, exp.model, exp.optim, exp.train.num_steps, exp.train.aux_loss_weight,
-                 exp.mesh, exp.data.seq_len, exp.data.batch_size, exp.data.eval_batch_size,
+                 exp.mesh, exp.context_parallel, exp.data.seq_len, exp.data.batch_size, exp.data.eval_batch_size,
                  tuple(jax.devices())))
 
 
@@ -230,10 +243,12 @@ def _build_compiled(exp: Experiment) -> _Compiled:
                                                param_shardings, mesh),
     }
     aux_weight = exp.train.aux_loss_weight
+    routed, prepare = _context_parallel(exp, task, mesh)
 
     def train_step(state, batch):
         def loss_fn(params):
-            logits_BTV, targets_BT, weights_BT, aux = _forward(task, model, params, batch)
+            with routed():
+                logits_BTV, targets_BT, weights_BT, aux = _forward(task, model, params, batch)
             sums = weighted_sums(logits_BTV, targets_BT, weights_BT)
             ce = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
             return ce + aux_weight * aux, (ce, aux, sums)
@@ -252,7 +267,8 @@ def _build_compiled(exp: Experiment) -> _Compiled:
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     def eval_step(params, batch):
-        logits_BTV, targets_BT, weights_BT, _ = _forward(task, model, params, batch)
+        with routed():
+            logits_BTV, targets_BT, weights_BT, _ = _forward(task, model, params, batch)
         return weighted_sums(logits_BTV, targets_BT, weights_BT)
 
     return _Compiled(
@@ -270,7 +286,35 @@ def _build_compiled(exp: Experiment) -> _Compiled:
                            out_shardings=(state_shardings, replicated), donate_argnums=0),
         eval_step=jax.jit(eval_step, in_shardings=(param_shardings, None),
                           out_shardings=replicated),
+        prepare=prepare,
     )
+
+
+def _context_parallel(exp: Experiment, task: tasks.Task, mesh):
+    """(context manager routing attention, host batch reorder) for this run.
+
+    With mesh context == 1 both are no-ops. Otherwise attention goes through
+    ``exp.context_parallel.strategy``; zigzag (causal load balance) is on when the
+    config asks for it or, by default, whenever the task allows it.
+    """
+    cp_cfg = exp.context_parallel
+    cp = dict(zip(mesh.axis_names, mesh.axis_sizes))[cpl.CONTEXT_AXIS]
+    if cp == 1:
+        return contextlib.nullcontext, lambda batch: batch
+    refusal = task.zigzag_refusal(exp.model)
+    if cp_cfg.zigzag and refusal:
+        raise ValueError(f"context_parallel.zigzag=True is not possible for this model: {refusal}")
+    zigzag = refusal is None and cp_cfg.zigzag is not False
+    if zigzag:
+        chunks = cpl.STRATEGIES[cp_cfg.strategy].zigzag_chunks(cp, cp_cfg.ulysses_degree)
+        perm = cpl.zigzag_permutation(exp.data.seq_len, chunks)
+        prepare = functools.partial(cpl.permute_batch, perm=perm)
+    else:
+        if exp.data.seq_len % cp:
+            raise ValueError(f"data.seq_len={exp.data.seq_len} must divide by the context degree "
+                             f"mesh.shape[2]={cp}")
+        prepare = lambda batch: batch  # noqa: E731
+    return (lambda: cpl.activate(cp_cfg, mesh, zigzag=zigzag)), prepare
 
 
 # ----------------------------------------------------------------- the loop
@@ -286,7 +330,7 @@ def _evaluate(c: _Compiled, params, source: DataSource, exp: Experiment) -> dict
     B = exp.data.eval_batch_size or exp.data.batch_size
     totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
     for i in range(exp.train.eval_steps):
-        sums = c.eval_step(params, shd.put_batch(source.batch("eval", i, B), c.batch_sharding))
+        sums = c.eval_step(params, shd.put_batch(c.prepare(source.batch("eval", i, B)), c.batch_sharding))
         for k, v in jax.device_get(sums).items():
             totals[k] += float(v)  # float64 on the host: no drift over many batches
     return summarize_eval(totals, source.token_unit)
@@ -386,7 +430,7 @@ def _train_loop(c, exp, source, state, start, ckpt, writer, bar):
     t_last, steps_since = time.time(), 0
 
     for step in range(start, tcfg.num_steps):
-        batch = shd.put_batch(source.batch("train", step, B), c.batch_sharding)
+        batch = shd.put_batch(c.prepare(source.batch("train", step, B)), c.batch_sharding)
         state, metrics = c.train_step(state, batch)
         done = step + 1  # updates applied so far
         pending.append((done, metrics))

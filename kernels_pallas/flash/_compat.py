@@ -74,3 +74,63 @@ def triton_compiler_params(*, num_warps: int, num_stages: int):
         raise NotImplementedError("this JAX has no Pallas Triton backend")
     cls = getattr(mod, "CompilerParams", None) or getattr(mod, "TritonCompilerParams")
     return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+# --------------------------------------------------------------------------- Mosaic GPU
+# Pallas Mosaic GPU (Hopper) names. GPU interpret mode: JAX 0.10 has
+# ``jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams`` (private); later
+# releases may export it from ``jax.experimental.pallas.mosaic_gpu``. The 0.10
+# interpreter lacks ``layout_cast``, the layout-annotated ``plgpu.load`` and
+# ``run_state`` (the kernels add a fresh product instead when interpreting); the shims
+# below cover the first two. It also lacks transposed wgmma operands and dynamic-slice
+# reads, which the kernels cannot avoid, so ``gpu.supports`` refuses interpret mode.
+@functools.lru_cache(maxsize=None)
+def _mgpu_module():
+    """``jax.experimental.pallas.mosaic_gpu`` or None when this JAX lacks it."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError:  # pragma: no cover - depends on the installed JAX
+        return None
+    return plgpu
+
+
+def mgpu_available() -> bool:
+    """Whether this JAX ships Pallas Mosaic GPU."""
+    return _mgpu_module() is not None
+
+
+def mgpu_interpret_params():
+    """A GPU interpret-mode parameter object (runs Mosaic GPU kernels on CPU), or None."""
+    plgpu = _mgpu_module()
+    for name in ("InterpretParams", "InterpretGPUParams"):
+        cls = getattr(plgpu, name, None)
+        if cls is not None:
+            return cls()
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:  # pragma: no cover
+        return None
+    return InterpretGPUParams()
+
+
+def mgpu_load_vec(ref, layout, *, interpret: bool):
+    """Load a 1-D ref (SMEM or GMEM) into registers with a WGMMA-compatible layout.
+
+    On hardware ``plgpu.load`` fixes the layout so the vector broadcasts against WGMMA
+    tiles; the 0.10 interpreter has no rule for it, and values carry no layout there,
+    so a plain read is equivalent.
+    """
+    if interpret:
+        return ref[...]
+    return _mgpu_module().load(ref, (), layout=layout)
+
+
+def mgpu_layout(x, layout, *, interpret: bool):
+    """``plgpu.layout_cast(x, layout)``; identity in interpret mode.
+
+    The 0.10 GPU interpreter has no rule for ``layout_cast`` (later ones treat it as
+    the no-op it is there: interpreted values carry no register layout).
+    """
+    if interpret:
+        return x
+    return _mgpu_module().layout_cast(x, layout)

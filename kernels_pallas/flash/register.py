@@ -8,7 +8,9 @@ Registered implementations:
                            once that module exists and accepts the call, else the
                            Pallas Triton kernel; needs ``platform == "gpu"``.
 * ``pallas_tpu_interpret`` the same TPU kernel run with ``pltpu.InterpretParams()``;
-* ``pallas_gpu_interpret`` the same GPU resolution run with ``interpret=True``.
+* ``pallas_gpu_interpret`` the same GPU resolution run with ``interpret=True`` (the
+                           Triton kernel: the Mosaic GPU module refuses interpret mode
+                           on JAX 0.10, whose GPU interpreter cannot run it).
 
 **Interpret mode is part of the contract:** the ``*_interpret`` names run the exact
 kernel code on any platform (``supports()`` returns None on CPU), for tests and for CPU
