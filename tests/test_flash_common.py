@@ -192,7 +192,7 @@ def test_four_impls_registered_with_reasons():
 def test_gpu_resolution_prefers_hopper_module_when_it_accepts(monkeypatch):
     call = _call(platform="gpu")
     kernel, reason = flash_register.resolve_gpu_kernel(call)
-    assert reason is None and kernel.name == "triton"  # no gpu.py yet
+    assert reason is None and kernel.name == "triton"  # gpu.py refuses off an sm90 GPU
     hopper = types.SimpleNamespace(name="hopper", attention=None,
                                    supports=lambda call, interpret: None)
     monkeypatch.setattr(flash_register, "_gpu_candidates",
