@@ -92,3 +92,20 @@ def test_train_step_reports_tokens_and_mfu(tmp_path):
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["peak_tflops"] > 0
     assert row["train_flops_per_token"] > 6 * row["n_matmul"]  # attention context adds on top
     assert train_step.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+
+
+def test_flash_gpu_counts_visible_pairs_and_selects_cases():
+    from benchmarks import flash_gpu
+
+    s = kernels.Shape("t", 2, 300, 300, 3, 1, 16, 16)
+    for name in flash_gpu.MASKS:  # window and documents shrunk so that both bite at S = 300
+        mask = flash_gpu.make_mask(name, s, window=50, doc_lengths=(20, 90))
+        assert flash_gpu.visible_pairs(mask, s) == kernels.visible_pairs_materialized(mask, s), name
+    names = [c.name for c in flash_gpu.all_cases()]
+    assert len(names) == len(set(names)) == 33
+    assert set(flash_gpu.QUICK) | {case for case, _ in flash_gpu.DESIGN_TARGETS} <= set(names)
+    assert [c.name for c in flash_gpu.select_cases("s16k-h64-doc")] == [
+        "mha-b1-s16k-h64-documents", "gqa-b1-s16k-h64-documents"]
+    assert flash_gpu.main(["--quick", "--list"]) == []
+    with pytest.raises(SystemExit, match="needs an NVIDIA GPU"):  # CPU: a clear message, no run
+        flash_gpu.main(["--quick"])
