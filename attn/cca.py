@@ -201,7 +201,8 @@ def _scaled_init(in_axis, out_axis, batch_axis=()):
 class CCA(nn.Module):
     """CCA / CCGQA layer: a parameter holder around ``cca_forward``.
 
-    ``__call__(x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None) -> (y_BTD, cache)``
+    ``__call__(x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None,
+    extra_range_BT2=None) -> (y_BTD, cache)``
 
     Args (of ``__call__``):
       x_BTD: ``[B, T, D]``.
@@ -209,6 +210,8 @@ class CCA(nn.Module):
         ``arange(T)`` (not with a cache).
       segment_ids_BT: ``[B, T]`` int document ids, 0 = padding; convs restart per document.
       cache: None, or the ``CCACache`` from ``init_cache`` (returned updated).
+      extra_range_BT2: ``[B, T, 2]`` int or None: extra visible key positions per token
+        in the attention (``Mask.q_extra_range``); the convolutions stay causal.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -221,9 +224,11 @@ class CCA(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
+    def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None,
+                 extra_range_BT2=None):
         return cca_forward(make_params(self, self.config), x_BTD, config=self.config,
-                           positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache)
+                           positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache,
+                           extra_range_BT2=extra_range_BT2)
 
 
 def make_params(module: nn.Module, cfg: Config) -> dict[str, Array]:
@@ -528,7 +533,7 @@ def _check_call(cfg: Config, x_BTD, positions_BT, segment_ids_BT, cache) -> None
 
 
 def cca_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions_BT=None,
-                segment_ids_BT=None, cache: CCACache | None = None):
+                segment_ids_BT=None, cache: CCACache | None = None, extra_range_BT2=None):
     """The layer as a pure function of its parameter dict.
 
     Args:
@@ -538,6 +543,7 @@ def cca_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
       positions_BT: ``[B, T]`` int, or None for ``arange(T)`` (not with a cache).
       segment_ids_BT: ``[B, T]`` int (0 = padding) or None (one document).
       cache: None or a ``CCACache``; the T tokens are appended to it.
+      extra_range_BT2: ``[B, T, 2]`` int or None (``Mask.q_extra_range``).
 
     Returns:
       ``(y_BTD in config.dtype, cache)`` -- the updated cache, or None.
@@ -561,12 +567,13 @@ def cca_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
     q, k, v, state = cca_qkv(params, x_BTD, rope_pos, seg, state, cfg)
     if cache is None:
         mask = Mask(causal=True, q_positions=positions_BT, kv_positions=positions_BT,
-                    q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT)
+                    q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
+                    q_extra_range=extra_range_BT2)
     else:
         k, v, kv_pos, kv_seg, kv = cache.kv.append(k, v, positions_BT, seg)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         mask = Mask(causal=True, q_positions=positions_BT.astype(jnp.int32), kv_positions=kv_pos,
-                    q_segment_ids=seg, kv_segment_ids=kv_seg)
+                    q_segment_ids=seg, kv_segment_ids=kv_seg, q_extra_range=extra_range_BT2)
         cache = CCACache(kv=kv, conv=jax.tree_util.tree_map(
             lambda new, old: new.astype(old.dtype), state, cache.conv))
     o = attention(q, k, v, mask=mask, impl=cfg.impl)  # entirely in the latent (paper §III)

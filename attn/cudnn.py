@@ -37,6 +37,8 @@ def _supports(call: core.AttentionCall) -> str | None:
         return "segment ids are not expressible in jax.nn.dot_product_attention"
     if m.block_mask is not None or m.dense is not None:
         return "block-sparse and dense masks are not supported by the cuDNN path"
+    if m.q_extra_range is not None:
+        return "Mask.q_extra_range is not expressible in jax.nn.dot_product_attention"
     if m.window is not None and not m.causal:
         return "cuDNN's sliding window is wrong when is_causal=False; refused"
     if m.causal and call.q_len > call.kv_len:

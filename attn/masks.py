@@ -6,6 +6,12 @@ A key ``s`` is visible to a query ``t`` when every active rule allows it:
 * ``window=(left, right)``: ``q_pos[t] - left <= kv_pos[s] <= q_pos[t] + right``
   (``None`` on a side means unbounded; the meaning of ``jax.nn``'s
   ``local_window_size``);
+* ``q_extra_range[b, t] = (lo, hi)``: keys with ``lo <= kv_pos[s] <= hi`` are visible
+  to query ``t`` *as well*, whatever causal and window say (an OR with those two rules;
+  segments, ``block_mask`` and ``dense`` still apply). An empty range (``hi < lo``)
+  adds nothing. This is how a causal LM lets some tokens see a stretch of the future:
+  image tokens their own image (prefix-LM) or the question after them (modality-mutual
+  attention, ``models/vlm.py``);
 * segments: ``q_seg[t] == kv_seg[s]`` and both non-zero (0 marks padding, so a
   padded query sees nothing and its output row is 0);
 * ``block_mask[n, t // Cq, s // Ck]`` (per-head block sparsity on array indices);
@@ -39,6 +45,7 @@ _ARRAY_FIELDS = (
     "kv_segment_ids",
     "q_positions",
     "kv_positions",
+    "q_extra_range",
     "block_mask",
     "dense",
 )
@@ -57,6 +64,10 @@ class Mask:
         neither.
       q_positions: int ``[B, T]``; default ``arange(T)``.
       kv_positions: int ``[B, S]``; default ``arange(S)``.
+      q_extra_range: int ``[B, T, 2]``: per query an inclusive range ``(lo, hi)`` of key
+        *positions* that are visible in addition to the causal / window rule (OR-ed with
+        it; ``hi < lo`` = nothing extra). Indexed by query array index, like
+        ``q_segment_ids``. Served by ``xla`` and ``xla_chunked``; the kernels refuse it.
       block_mask: bool ``[N|1, ceil(T/Cq), ceil(S/Ck)]``; True = block may be visited.
       block_size: static ``(Cq, Ck)``; required with ``block_mask``.
       dense: bool ``[B|1, N|1, T, S]``; reference implementations only.
@@ -70,6 +81,7 @@ class Mask:
     kv_segment_ids: Array | None = None
     q_positions: Array | None = None
     kv_positions: Array | None = None
+    q_extra_range: Array | None = None
     block_mask: Array | None = None
     block_size: tuple[int, int] | None = dataclasses.field(
         default=None, metadata=dict(static=True)
@@ -93,6 +105,10 @@ class Mask:
     @property
     def has_segments(self) -> bool:
         return self.q_segment_ids is not None
+
+    @property
+    def has_extra_range(self) -> bool:
+        return self.q_extra_range is not None
 
     @property
     def window_left(self) -> int | None:
@@ -125,6 +141,9 @@ class Mask:
             arr = getattr(self, name)
             if arr is not None and tuple(arr.shape) != shape:
                 raise ValueError(f"Mask.{name} has shape {tuple(arr.shape)}, expected {shape}")
+        if self.q_extra_range is not None and tuple(self.q_extra_range.shape) != (batch, q_len, 2):
+            raise ValueError(f"Mask.q_extra_range has shape {tuple(self.q_extra_range.shape)}, "
+                             f"expected {(batch, q_len, 2)}")
         if self.block_mask is not None:
             cq, ck = self.block_size
             nb = (-(-q_len // cq), -(-kv_len // ck))
@@ -169,8 +188,8 @@ class Mask:
         """Visibility of one (query tile, key tile): bool ``[B|1, N|1, T, S]``, or None.
 
         Positions and segments are those of the tile; ``q_idx_T`` / ``kv_idx_S`` are
-        the tile's array indices into the full sequence (for ``block_mask`` and
-        ``dense``). Returns None when nothing is masked.
+        the tile's array indices into the full sequence (for ``q_extra_range``,
+        ``block_mask`` and ``dense``). Returns None when nothing is masked.
         """
         out = None
 
@@ -187,6 +206,11 @@ class Mask:
                 out = both(out, kp >= qp - left)
             if right is not None:
                 out = both(out, kp <= qp + right)
+        if self.q_extra_range is not None and out is not None:
+            # OR-ed with causal/window only: segments and block masks still hide keys.
+            r = self.q_extra_range[:, q_idx_T].astype(kv_pos_BS.dtype)  # [B, T, 2]
+            lo, hi = r[:, None, :, 0, None], r[:, None, :, 1, None]
+            out = out | ((kp >= lo) & (kp <= hi))
         if q_seg_BT is not None:
             qs = q_seg_BT[:, None, :, None]
             ks = kv_seg_BS[:, None, None, :]

@@ -153,7 +153,8 @@ def _fan_in_init(in_axis, out_axis):
 class MHA(nn.Module):
     """MHA / GQA / MQA layer: a parameter holder around ``mha_forward``.
 
-    ``__call__(x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None) -> (y_BTD, cache)``
+    ``__call__(x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None,
+    extra_range_BT2=None) -> (y_BTD, cache)``
 
     Args (of ``__call__``):
       x_BTD: ``[B, T, D]`` inputs.
@@ -162,6 +163,9 @@ class MHA(nn.Module):
       segment_ids_BT: ``[B, T]`` int document ids, 0 = padding; None = one document.
       cache: None (train / prefill without a cache) or the pytree from ``init_cache``;
         the T tokens are appended and attend over everything cached.
+      extra_range_BT2: ``[B, T, 2]`` int, or None: per token an inclusive range of key
+        positions it may see on top of the causal rule (``Mask.q_extra_range``; e.g. image
+        tokens seeing the question after them, ``models/vlm.py``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -175,10 +179,12 @@ class MHA(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
+    def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None,
+                 extra_range_BT2=None):
         return mha_forward(
             make_params(self, self.config), x_BTD, config=self.config,
             positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache,
+            extra_range_BT2=extra_range_BT2,
         )
 
 
@@ -352,7 +358,7 @@ def project_qkv(params, x_BTD, positions_BT, config: Config):
 
 
 def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions_BT=None,
-                segment_ids_BT=None, cache=None):
+                segment_ids_BT=None, cache=None, extra_range_BT2=None):
     """The layer as a pure function of its parameter dict.
 
     Args:
@@ -363,6 +369,7 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
       positions_BT: ``[B, T]`` int, or None for ``arange(T)`` (not with a cache).
       segment_ids_BT: ``[B, T]`` int (0 = padding) or None.
       cache: None, a ``KVCache`` or a ``RingKVCache``.
+      extra_range_BT2: ``[B, T, 2]`` int or None (``Mask.q_extra_range``).
 
     Returns:
       ``(y_BTD in config.dtype, cache)`` — the updated cache, or None.
@@ -385,7 +392,8 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
     if cache is None:
         mask = Mask(causal=cfg.causal, window=cfg.mask_window,
                     q_positions=positions_BT, kv_positions=positions_BT,
-                    q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT)
+                    q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
+                    q_extra_range=extra_range_BT2)
     else:
         seg = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT
         # The cache decides what we attend over (full buffer, or ring ++ new tokens);
@@ -394,7 +402,8 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         mask = Mask(causal=True, window=cfg.mask_window,
                     q_positions=positions_BT.astype(jnp.int32), kv_positions=kv_pos,
-                    q_segment_ids=seg.astype(jnp.int32), kv_segment_ids=kv_seg)
+                    q_segment_ids=seg.astype(jnp.int32), kv_segment_ids=kv_seg,
+                    q_extra_range=extra_range_BT2)
     sinks = params["sinks"].astype(jnp.float32) if cfg.sinks else None
     o = attention(q, k, v, mask=mask, softcap=cfg.softcap, sinks=sinks, impl=cfg.impl)
     y = jnp.einsum("BTNE,NED->BTD", o, params["o_kernel"].astype(cfg.dtype))

@@ -240,8 +240,9 @@ def _fan_in(in_axis, out_axis):
 class MLA(nn.Module):
     """MLA layer: a parameter holder around ``mla_forward``.
 
-    ``__call__(x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None) -> (y_BTD, cache)``
-    with the same meaning as ``attn.mha.MHA`` (positions required with a cache).
+    ``__call__(x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None,
+    extra_range_BT2=None) -> (y_BTD, cache)`` with the same meaning as ``attn.mha.MHA``
+    (positions required with a cache).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -256,9 +257,11 @@ class MLA(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
+    def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None,
+                 extra_range_BT2=None):
         return mla_forward(make_params(self, self.config), x_BTD, config=self.config,
-                           positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache)
+                           positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache,
+                           extra_range_BT2=extra_range_BT2)
 
 
 def make_params(module: nn.Module, cfg: Config) -> dict[str, Array]:
@@ -467,7 +470,7 @@ def _check_call(cfg: Config, x_BTD, positions_BT, segment_ids_BT, cache) -> None
 
 
 def mla_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions_BT=None,
-                segment_ids_BT=None, cache=None, absorb=None):
+                segment_ids_BT=None, cache=None, absorb=None, extra_range_BT2=None):
     """The layer as a pure function of its parameter dict.
 
     Args:
@@ -478,6 +481,7 @@ def mla_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
       segment_ids_BT: ``[B, T]`` int (0 = padding) or None.
       cache: None, or a cache from ``init_cache``; the T tokens are appended first.
       absorb: overrides ``config.absorb`` (None: use the config).
+      extra_range_BT2: ``[B, T, 2]`` int or None (``Mask.q_extra_range``).
 
     Returns:
       ``(y_BTD in config.dtype, cache)`` — the updated cache, or None.
@@ -503,7 +507,8 @@ def mla_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
     if cache is None:
         mask = Mask(causal=cfg.causal, window=cfg.mask_window,
                     q_positions=positions_BT, kv_positions=positions_BT,
-                    q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT)
+                    q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
+                    q_extra_range=extra_range_BT2)
     else:
         seg = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT
         # Only c_kv and k_rope are cached (§2.1.2): (L + Hr) numbers per token.
@@ -512,7 +517,8 @@ def mla_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
         c_kv, k_rope = c_all[:, :, 0].astype(cfg.dtype), kr_all[:, :, 0].astype(cfg.dtype)
         mask = Mask(causal=True, window=cfg.mask_window,
                     q_positions=positions_BT.astype(jnp.int32), kv_positions=kv_pos,
-                    q_segment_ids=seg.astype(jnp.int32), kv_segment_ids=kv_seg)
+                    q_segment_ids=seg.astype(jnp.int32), kv_segment_ids=kv_seg,
+                    q_extra_range=extra_range_BT2)
     absorbed = use_absorbed(cfg.absorb if absorb is None else absorb, cache is not None)
     attend = attend_absorbed if absorbed else attend_expanded
     o = attend(params, q_nope, q_rope, c_kv, k_rope, mask=mask, config=cfg)

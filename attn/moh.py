@@ -150,8 +150,8 @@ class Config(mha.Config):
 class MoH(nn.Module):
     """MoH layer: a parameter holder around ``moh_forward`` that sows the load-balance loss.
 
-    ``__call__(x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None) -> (y_BTD, cache)``;
-    arguments as ``attn.mha.MHA``. Sows ``aux_loss/moh_load_balance`` (a float32 scalar),
+    ``__call__(x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None,
+    extra_range_BT2=None) -> (y_BTD, cache)``; arguments as ``attn.mha.MHA``. Sows ``aux_loss/moh_load_balance`` (a float32 scalar),
     kept when applied with ``mutable=["aux_loss"]``.
 
     Example:
@@ -165,10 +165,11 @@ class MoH(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
+    def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None,
+                 extra_range_BT2=None):
         y, cache, load_balance = moh_forward(
             make_params(self, self.config), x_BTD, config=self.config, positions_BT=positions_BT,
-            segment_ids_BT=segment_ids_BT, cache=cache)
+            segment_ids_BT=segment_ids_BT, cache=cache, extra_range_BT2=extra_range_BT2)
         self.sow("aux_loss", "moh_load_balance", load_balance)
         return y, cache
 
@@ -335,7 +336,7 @@ def _use_gather(cfg: Config, T: int, cache) -> bool:
 
 def gathered_attention(q_BTNH, k_BSKH, v_BSKE, heads_BTN, *, q_positions_BT, kv_positions_BS,
                        q_segment_ids_BT, kv_segment_ids_BS, causal=True, window=None, softcap=None,
-                       impl="auto"):
+                       impl="auto", q_extra_range_BT2=None):
     """Attention of the selected query heads only, per token.
 
     Args:
@@ -346,6 +347,7 @@ def gathered_attention(q_BTNH, k_BSKH, v_BSKE, heads_BTN, *, q_positions_BT, kv_
       q_positions_BT, kv_positions_BS: int positions (the causal mask); required.
       q_segment_ids_BT, kv_segment_ids_BS: int segments, or both None.
       causal, window: as ``Mask``; softcap, impl: as ``attention``.
+      q_extra_range_BT2: ``[B, T, 2]`` int or None (``Mask.q_extra_range``).
 
     Returns:
       ``[B, T, A, E]``: head ``heads_BTN[b, t, a]``'s output for token t.
@@ -374,7 +376,8 @@ def gathered_attention(q_BTNH, k_BSKH, v_BSKE, heads_BTN, *, q_positions_BT, kv_
     fold_kv = lambda a_BS: None if a_BS is None else jnp.repeat(a_BS, T, axis=0)
     mask = Mask(causal=causal, window=window,
                 q_positions=fold_q(q_positions_BT), kv_positions=fold_kv(kv_positions_BS),
-                q_segment_ids=fold_q(q_segment_ids_BT), kv_segment_ids=fold_kv(kv_segment_ids_BS))
+                q_segment_ids=fold_q(q_segment_ids_BT), kv_segment_ids=fold_kv(kv_segment_ids_BS),
+                q_extra_range=None if q_extra_range_BT2 is None else q_extra_range_BT2.reshape(B * T, 1, 2))
     o = attention(q, gather(k_BSKH), gather(v_BSKE), mask=mask, softcap=softcap, impl=impl)
     return o.reshape(B, T, A, -1)
 
@@ -399,7 +402,7 @@ def _check_call(cfg: Config, x_BTD, positions_BT, segment_ids_BT, cache) -> None
 
 
 def moh_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions_BT=None,
-                segment_ids_BT=None, cache=None):
+                segment_ids_BT=None, cache=None, extra_range_BT2=None):
     """The layer as a pure function of its parameter dict.
 
     Args:
@@ -409,6 +412,7 @@ def moh_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
       positions_BT: ``[B, T]`` int, or None for ``arange(T)`` (not with a cache).
       segment_ids_BT: ``[B, T]`` int (0 = padding) or None.
       cache: None, ``KVCache`` or ``RingKVCache`` (from ``init_cache``).
+      extra_range_BT2: ``[B, T, 2]`` int or None (``Mask.q_extra_range``).
 
     Returns:
       ``(y_BTD in config.dtype, cache, load_balance float32 scalar)``.
@@ -442,7 +446,7 @@ def moh_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
             q, k, v, routing.heads_BTN, q_positions_BT=pos,
             kv_positions_BS=pos if kv_pos is None else kv_pos, q_segment_ids_BT=q_seg,
             kv_segment_ids_BS=kv_seg, causal=cfg.causal, window=cfg.mask_window, softcap=cfg.softcap,
-            impl=cfg.impl)
+            impl=cfg.impl, q_extra_range_BT2=extra_range_BT2)
         gates_BTN = jnp.take_along_axis(routing.gates_BTN, routing.heads_BTN, axis=-1)
         # Scatter the active heads back (indices are distinct per token); the rest stay 0.
         b = jnp.arange(B)[:, None, None]
@@ -451,7 +455,8 @@ def moh_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
             o_BTNE * gates_BTN[..., None].astype(o_BTNE.dtype))
     else:
         mask = Mask(causal=cfg.causal, window=cfg.mask_window, q_positions=positions_BT,
-                    kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+                    kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                    q_extra_range=extra_range_BT2)
         o = attention(q, k, v, mask=mask, softcap=cfg.softcap, impl=cfg.impl)
         o = o * routing.gates_BTN[..., None].astype(o.dtype)  # §3.2: weighted sum over heads
     y = jnp.einsum("BTNE,NED->BTD", o, params["o_kernel"].astype(cfg.dtype))

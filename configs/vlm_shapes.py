@@ -7,7 +7,8 @@ Run (about five minutes on 2 CPU cores; reports answer accuracy on held-out imag
 Arguments after ``:`` (comma separated key=value):
   attn      a registry name for the LM (mha, gqa, mqa, mla, moh, ...)
   vit_attn  a registry name with causal=False for the vision encoder
-  mask      causal | prefix       (mutual needs a dense-mask hook: refused, see models/vlm.py)
+  mask      causal | prefix | mutual   (mutual: AKI's modality-mutual attention, image
+            tokens also see the question after them, up to its "?"; see models/vlm.py)
   patch     1 | 2                 ViT patch size (1 = pixel tokens: 144 of them)
   captions  float                 share of training rows that are captions
   steps     int                   training steps
@@ -19,7 +20,7 @@ Every default lives in this file.
 from ml_collections import ConfigDict
 
 from train.config_args import check_choice, parse_arg_string
-from train.shapes import IMG, VOCAB
+from train.shapes import IMG, TOKEN, VOCAB
 
 ARGS = {
     "attn": "mha",
@@ -54,6 +55,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         image_token_id=IMG,
         connector_dim=128,
         mask=a["mask"],
+        question_end_id=TOKEN["?"],  # mask=mutual: image tokens see the question up to "?"
     ))
     c.data = ConfigDict(dict(
         source="shapes",

@@ -16,6 +16,11 @@ Layout: token embedding ``[V, D]`` → ``num_layers`` pre-norm blocks
   and MLP matmul outputs, recompute attention and elementwise work).
 * Mixed precision: parameters in ``param_dtype`` (float32), compute in ``dtype``
   (bfloat16), norms and logits in float32.
+* Extra visibility: ``extra_range_BT2 [B, T, 2]`` (inclusive key positions each token
+  may see on top of the causal rule, ``attn.masks.Mask.q_extra_range``) reaches every
+  layer's mask; the VLM uses it for its prefix and modality-mutual masks. A mechanism
+  takes it by accepting the ``extra_range_BT2`` keyword in its ``__call__`` (all the
+  built-in softmax layers do); one that does not gets a clear error, never a silent drop.
 * Auxiliary losses: a layer may call ``self.sow("aux_loss", name, value)`` with an
   unweighted scalar. The trainer applies the model with ``mutable=["aux_loss"]`` and
   adds ``config.train.aux_loss_weight * sum(jnp.sum(x) for x in jax.tree.leaves(aux))``
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any, Mapping
 
@@ -254,12 +260,20 @@ class Block(nn.Module):
     index: int  # position in the attention pattern
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache, extra_range_BT2=None):
         cfg = self.config
         mech = registry.get(cfg.pattern[self.index])
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x_BTD)
+        extra = {}
+        if extra_range_BT2 is not None:
+            if not accepts_extra_range(mech):
+                raise NotImplementedError(
+                    f"attention mechanism {mech.name!r} does not take extra_range_BT2 (extra "
+                    "visible key ranges, e.g. the VLM's prefix / mutual masks): its __call__ "
+                    "has no such keyword; use a softmax layer (mha, gqa, mqa, mla, cca, moh)")
+            extra = {"extra_range_BT2": extra_range_BT2}
         a, cache = mech.module(cfg.layer_configs[self.index], name="attn")(
-            h, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache)
+            h, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache, **extra)
         x_BTD = x_BTD + a.astype(x_BTD.dtype)
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x_BTD)
         x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(h).astype(x_BTD.dtype)
@@ -272,7 +286,7 @@ class Unit(nn.Module):
     config: LMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, caches, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, caches, positions_BT, segment_ids_BT, extra_range_BT2=None):
         cfg = self.config
         block = Block
         if cfg.remat != "none":
@@ -281,14 +295,15 @@ class Unit(nn.Module):
         new = []
         for j in range(len(cfg.pattern)):
             x_BTD, c = block(cfg, j, name=f"block_{j}")(
-                x_BTD, positions_BT, segment_ids_BT, None if caches is None else caches[j])
+                x_BTD, positions_BT, segment_ids_BT, None if caches is None else caches[j],
+                extra_range_BT2)
             new.append(c)
         return x_BTD, (None if caches is None else tuple(new))
 
 
 class Transformer(nn.Module):
     """Decoder LM: ``__call__(tokens_BT, *, positions_BT=None, segment_ids_BT=None,
-    cache=None, embeddings_BTD=None) -> (logits_BTV float32, cache)``.
+    cache=None, embeddings_BTD=None, extra_range_BT2=None) -> (logits_BTV float32, cache)``.
 
     Args (of ``__call__``):
       tokens_BT: ``[B, T]`` int token ids (may be None when ``embeddings_BTD`` is given).
@@ -298,6 +313,10 @@ class Transformer(nn.Module):
       cache: None, or the pytree from ``init_cache`` (returned updated).
       embeddings_BTD: ``[B, T, D]`` inputs used instead of the token embedding
         (vision tokens, or gradients with respect to the inputs).
+      extra_range_BT2: ``[B, T, 2]`` int: per token an inclusive range ``(lo, hi)`` of key
+        positions it may also see, whatever causality says (``Mask.q_extra_range``;
+        ``hi < lo`` adds nothing). Handed to every layer. With a cache it applies to the
+        T tokens of this call (a prefill), against everything cached.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -312,7 +331,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT=None, *, positions_BT=None, segment_ids_BT=None, cache=None,
-                 embeddings_BTD=None):
+                 embeddings_BTD=None, extra_range_BT2=None):
         cfg = self.config
         V, D = cfg.vocab_size, cfg.d_model
         embed_VD = self.param(
@@ -325,6 +344,9 @@ class Transformer(nn.Module):
             if a is not None and tuple(getattr(a, "shape", ())) != (B, T):
                 raise ValueError(
                     f"Transformer: {name} must have shape [B, T]={(B, T)}, got {getattr(a, 'shape', a)}")
+        if extra_range_BT2 is not None and tuple(getattr(extra_range_BT2, "shape", ())) != (B, T, 2):
+            raise ValueError(f"Transformer: extra_range_BT2 must have shape [B, T, 2]={(B, T, 2)}, "
+                             f"got {getattr(extra_range_BT2, 'shape', extra_range_BT2)}")
         if positions_BT is None and cache is not None:
             start = cache_length(cfg, cache)
             positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -333,15 +355,16 @@ class Transformer(nn.Module):
             units = nn.scan(
                 Unit, variable_axes={"params": 0, "aux_loss": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_repeats,
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_repeats,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )(cfg, name="units")
-            x, cache = units(x, cache, positions_BT, segment_ids_BT)
+            x, cache = units(x, cache, positions_BT, segment_ids_BT, extra_range_BT2)
         else:
             new = []
             for r in range(cfg.num_repeats):
                 x, c = Unit(cfg, name=f"unit_{r}")(
-                    x, None if cache is None else cache[r], positions_BT, segment_ids_BT)
+                    x, None if cache is None else cache[r], positions_BT, segment_ids_BT,
+                    extra_range_BT2)
                 new.append(c)
             cache = None if cache is None else tuple(new)
         x = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)
@@ -506,6 +529,17 @@ def _generate_jit(config, variables, prompt_BT, mask_BT, rng, temperature, *, ma
 
 
 # --------------------------------------------------------------------------- pure functions
+def accepts_extra_range(mechanism) -> bool:
+    """Whether a registered mechanism's layer takes the ``extra_range_BT2`` keyword.
+
+    Example:
+      >>> from attn import registry
+      >>> accepts_extra_range(registry.get("mla"))
+      True
+    """
+    return "extra_range_BT2" in inspect.signature(mechanism.module.__call__).parameters
+
+
 def sample_token(logits_BV, key, temperature, *, greedy: bool, top_k: int | None = None):
     """Next token ``[B]`` int32: argmax when ``greedy``, else top-k / temperature sampling.
 

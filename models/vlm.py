@@ -8,27 +8,40 @@ Data flow (I images per example, each ``[H, W, C]``; letters: M = tokens per ima
       --MLP--> [B, I·M, D]                                      D = the LM's width
     tokens [B, T] with I·M placeholders (``image_token_id``)
       --embedding, then image features scattered into the placeholders in order-->
-    x [B, T, D] --Transformer(embeddings_BTD=x, positions_BT=mask positions)--> logits
+    x [B, T, D] --Transformer(embeddings_BTD=x, positions_BT=arange(T),
+                             extra_range_BT2=the mask option's ranges)--> logits
 
-Attention masks (``mask``), all expressed through positions, never a dense matrix:
+Attention masks (``mask``). Positions are always ``arange(T)`` (so RoPE gives every
+token, image tokens included, its own angle); each option is the layers' causal rule
+plus, per token, an extra inclusive range of key positions it may also see
+(``extra_range_BT2 [B, T, 2]`` → ``attn.masks.Mask.q_extra_range``), never a dense
+matrix. Text tokens never get an extra range, so text is causal in every option.
 
-* "causal": positions ``arange(T)``; every token sees the tokens before it.
-* "prefix" (image-bidirectional): all M tokens of one image share one position (the
-  position of its first token) and later tokens continue from there, so the layers'
-  causal-on-positions rule lets image tokens see each other both ways while text stays
-  causal. Because ``Transformer`` uses the same ``positions_BT`` for RoPE and the
-  mask, those M tokens also share one RoPE angle: their 2-D layout is carried by the
-  ViT's position embeddings instead (a separate "mask positions" input in
-  ``models/transformer.py`` would lift this; see docs).
-* "mutual" (modality-mutual attention, AKI "Seeing is Understanding"): image tokens
-  also see the text that follows them. No assignment of positions and segments can
-  express it (an image token and a later text token would have to see each other
-  while text stays causal), so it needs ``Mask.dense`` (reference ``impl="xla"``
-  only), and the layer interface takes no mask. ``VLMConfig`` refuses it with
-  ``NotImplementedError``; ``reference_mask`` builds it, for tests and for the hook.
+* "causal": nothing extra.
+* "prefix" (image-bidirectional): an image token also sees every token of its own
+  image (range = the image's first..last placeholder).
+* "mutual" (modality-mutual attention, MMA, from AKI, "Seeing is Understanding",
+  arXiv 2503.02597): image tokens also see the *text question that follows them*; the
+  mask is otherwise causal, image tokens among themselves included (the paper relaxes
+  image→text only). The question ends at the first ``question_end_id`` token after
+  the image, inclusive (AKI's code ends it at the assistant marker): text after it,
+  i.e. the answer, stays hidden from image tokens, or the answer would leak backwards
+  through them (the leak the paper reports when MMA is applied to captions in
+  pre-training). A row with no ``question_end_id`` after an image stays causal for
+  that image: caption rows train causally, as AKI pre-trains. Several images: each
+  image sees the run of text that follows it (skipping images placed right after
+  it), up to the next image or the end of the question, whichever comes first, so
+  no image ever sees another image's tokens early. Across layers the mask composes:
+  a question token sees later question tokens through the image tokens (the paper's
+  caveat), so put the loss after the question end, as SFT does (``train/shapes.py``
+  puts it at the "?" only, and its captions have no "?").
 
 Generation (``generate``) prefills the KV cache once with the prompt and its image
-tokens, then decodes text tokens one at a time through the LM's cache machinery.
+tokens, then decodes text tokens one at a time through the LM's cache machinery. The
+extra ranges only ever point inside the prompt (an image and its question), and the
+prefill handles the whole prompt in one call, so the cached image keys/values are
+those of the full forward; decoded tokens are text, hence causal. For "mutual" the
+question (with its ``question_end_id``) must be complete in the prompt.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -65,36 +78,96 @@ Array = Any
 
 
 # --------------------------------------------------------------------------- masks
-def causal_positions(is_image_BT, tokens_per_image: int):
-    """Positions for the plain causal mask: ``arange(T)``."""
+_NONE = jnp.iinfo(jnp.int32).max  # "no such token" in the next-index scans below
+
+
+def _empty_range(B, T):
+    """``[B, T, 2]`` of ``(0, -1)``: nothing extra (hi < lo)."""
+    return jnp.broadcast_to(jnp.array([0, -1], jnp.int32), (B, T, 2))
+
+
+def _next_index(flag_BT):
+    """For each t, the first index >= t where ``flag_BT`` holds (``_NONE`` if none)."""
+    T = flag_BT.shape[1]
+    idx = jnp.where(flag_BT, jnp.arange(T, dtype=jnp.int32), _NONE)
+    return jax.lax.cummin(idx, axis=1, reverse=True)
+
+
+def _at(a_BT, i_BT):
+    """``a[b, i[b, t]]``, with ``_NONE`` for indices past the end."""
+    T = a_BT.shape[1]
+    got = jnp.take_along_axis(a_BT, jnp.clip(i_BT, 0, T - 1), axis=1)
+    return jnp.where(i_BT < T, got, _NONE)
+
+
+def _image_bounds(is_image_BT, tokens_per_image: int):
+    """``(first, last)`` placeholder index of each image token's own image ``[B, T]``."""
     B, T = is_image_BT.shape
-    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    rank_BT = jnp.cumsum(is_image_BT, axis=1) - 1  # index among the row's image tokens
+    starts = is_image_BT & (rank_BT % tokens_per_image == 0)
+    ends = is_image_BT & (rank_BT % tokens_per_image == tokens_per_image - 1)
+    idx = jnp.arange(T, dtype=jnp.int32)
+    first = jax.lax.cummax(jnp.where(starts, idx, -1), axis=1)
+    return first, _next_index(ends)
 
 
-def prefix_positions(is_image_BT, tokens_per_image: int):
-    """Every image's tokens share the position of its first token; text continues after.
+def causal_range(tokens_BT, is_image_BT, config: "VLMConfig"):
+    """"causal": no token sees anything extra (None)."""
+    return None
+
+
+def prefix_range(tokens_BT, is_image_BT, config: "VLMConfig"):
+    """"prefix": an image token also sees its whole image.
 
     Example:
-      >>> prefix_positions(jnp.array([[0, 1, 1, 1, 1, 0]], bool), 2).tolist()
-      [[0, 1, 1, 2, 2, 3]]
+      >>> cfg = VLMConfig(vision=dict(image_size=4, channels=1, patch_size=1, width=8, depth=1,
+      ...                 num_heads=2), lm=dict(vocab_size=8, d_model=8, num_layers=1, num_heads=2),
+      ...                 image_token_id=2)
+      >>> tok = jnp.array([[1] + [2] * 4 + [5]])
+      >>> prefix_range(tok, tok == 2, cfg)[0].tolist()
+      [[0, -1], [1, 4], [1, 4], [1, 4], [1, 4], [0, -1]]
     """
-    rank_BT = jnp.cumsum(is_image_BT, axis=1) - 1  # index among the row's image tokens
-    first_BT = is_image_BT & (rank_BT % tokens_per_image == 0)
-    advance_BT = ~is_image_BT | first_BT  # a token that starts a new position
-    return (jnp.cumsum(advance_BT, axis=1) - 1).astype(jnp.int32)
+    B, T = tokens_BT.shape
+    first, last = _image_bounds(is_image_BT, config.tokens_per_image)
+    r = jnp.stack([first, last], axis=-1).astype(jnp.int32)
+    return jnp.where(is_image_BT[..., None], r, _empty_range(B, T))
 
 
-def _mutual_refused(is_image_BT, tokens_per_image):
-    raise NotImplementedError("VLM mask 'mutual' needs Mask.dense; see models/vlm.py")
+def mutual_range(tokens_BT, is_image_BT, config: "VLMConfig"):
+    """"mutual" (AKI's MMA): an image token also sees the question text after its image.
+
+    The range starts at the first text token after the image and ends at the first of:
+    the ``question_end_id`` token (inclusive), the token before the next image. No
+    question end after the image: nothing extra.
+
+    Example:
+      >>> cfg = VLMConfig(vision=dict(image_size=4, channels=1, patch_size=1, width=8, depth=1,
+      ...                 num_heads=2), lm=dict(vocab_size=8, d_model=8, num_layers=1, num_heads=2),
+      ...                 image_token_id=2, mask="mutual", question_end_id=3)
+      >>> tok = jnp.array([[1] + [2] * 4 + [5, 6, 3, 7]])  # BOS, image, "5 6 ?", answer 7
+      >>> mutual_range(tok, tok == 2, cfg)[0, :2].tolist()  # image tokens see 5 6 ?, not 7
+      [[0, -1], [5, 7]]
+    """
+    B, T = tokens_BT.shape
+    _, last = _image_bounds(is_image_BT, config.tokens_per_image)
+    next_text = _next_index(~is_image_BT)
+    next_image = _next_index(is_image_BT)
+    next_qend = _next_index((tokens_BT == config.question_end_id) & ~is_image_BT)
+    lo = _at(next_text, jnp.minimum(last, T - 1) + 1)  # first text token after the own image
+    qend = _at(next_qend, lo)           # the question's last token
+    stop = _at(next_image, lo)          # the next image, if it comes first
+    hi = jnp.minimum(qend, jnp.where(stop == _NONE, _NONE, stop - 1))
+    ok = is_image_BT & (lo != _NONE) & (qend != _NONE)
+    r = jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
+    return jnp.where(ok[..., None], r, _empty_range(B, T))
 
 
-# Mask name -> positions for the layers' causal-on-positions rule (a table, no if/elif).
-MASK_POSITIONS: dict[str, Callable] = {
-    "causal": causal_positions,
-    "prefix": prefix_positions,
-    "mutual": _mutual_refused,
+# Mask name -> extra visible key range per token (a table, no if/elif chain).
+MASK_RULES: dict[str, Callable] = {
+    "causal": causal_range,
+    "prefix": prefix_range,
+    "mutual": mutual_range,
 }
-DENSE_ONLY = ("mutual",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +181,9 @@ class VLMConfig:
       image_token_id: the placeholder token id (one per image token, in the text).
       connector_dim: hidden width F of the connector MLP (None = 4·D of the LM).
       mask: "causal" | "prefix" | "mutual" (see the module docstring).
+      question_end_id: the token that ends a question (inclusive), required by
+        ``mask="mutual"``: image tokens see the text after them up to it, never the
+        answer after it (e.g. the id of "?" in ``train/shapes.py``).
 
     Example:
       >>> VLMConfig(vision=dict(image_size=4, channels=1, patch_size=1, width=8, depth=1,
@@ -121,6 +197,7 @@ class VLMConfig:
     image_token_id: int = 2
     connector_dim: int | None = None
     mask: str = "causal"
+    question_end_id: int | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -140,13 +217,16 @@ class VLMConfig:
                              f"vocab [0, {self.lm.vocab_size})")
         if self.connector_dim is None:
             set_("connector_dim", 4 * self.lm.d_model)
-        if self.mask not in MASK_POSITIONS:
-            raise ValueError(f"VLMConfig.mask must be one of {sorted(MASK_POSITIONS)}, got {self.mask!r}")
-        if self.mask in DENSE_ONLY:
-            raise NotImplementedError(
-                f"VLMConfig.mask={self.mask!r} needs a dense mask (Mask.dense, impl='xla' only), "
-                "but attention layers take positions and segments, not a mask; it needs a "
-                "mask hook in models/transformer.py and attn layers (reference_mask() builds it)")
+        if self.mask not in MASK_RULES:
+            raise ValueError(f"VLMConfig.mask must be one of {sorted(MASK_RULES)}, got {self.mask!r}")
+        if self.mask == "mutual" and self.question_end_id is None:
+            raise ValueError("VLMConfig.mask='mutual' needs question_end_id (the token that ends the "
+                             "question): image tokens see the text after them up to it, and must "
+                             "not see the answer")
+        if self.question_end_id is not None and not (
+                0 <= self.question_end_id < self.lm.vocab_size and self.question_end_id != self.image_token_id):
+            raise ValueError(f"VLMConfig.question_end_id={self.question_end_id} must be a text token id "
+                             f"in [0, {self.lm.vocab_size}) other than image_token_id")
 
     @classmethod
     def from_dict(cls, d) -> "VLMConfig":
@@ -199,11 +279,13 @@ class VLM(nn.Module):
         self.lm = Transformer(self.config.lm)
 
     def __call__(self, tokens_BT, images_BIHWC, *, cache=None):
-        x_BTD, positions_BT = self.embed_inputs(tokens_BT, images_BIHWC)
-        return self.lm(None, embeddings_BTD=x_BTD, positions_BT=positions_BT, cache=cache)
+        x_BTD, positions_BT, extra_BT2 = self.embed_inputs(tokens_BT, images_BIHWC)
+        return self.lm(None, embeddings_BTD=x_BTD, positions_BT=positions_BT, cache=cache,
+                       extra_range_BT2=extra_BT2)
 
     def embed_inputs(self, tokens_BT, images_BIHWC):
-        """``(x [B, T, D], positions [B, T])``: text embedded, image features scattered in."""
+        """``(x [B, T, D], positions [B, T], extra_range [B, T, 2] | None)``: text embedded,
+        image features scattered in, and the mask option's extra visible key ranges."""
         cfg = self.config
         if getattr(images_BIHWC, "ndim", None) != 5:
             raise ValueError(f"VLM: images must be [B, I, H, W, C], got shape "
@@ -218,7 +300,9 @@ class VLM(nn.Module):
         is_image_BT = tokens_BT == cfg.image_token_id
         x = scatter_image_tokens(text_BTD, feats_BSD.reshape(B, I * M, -1).astype(cfg.lm.dtype),
                                  is_image_BT)
-        return x, MASK_POSITIONS[cfg.mask](is_image_BT, M)
+        B, T = tokens_BT.shape
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        return x, positions_BT, MASK_RULES[cfg.mask](tokens_BT, is_image_BT, cfg)
 
     def encode_images(self, images_NHWC):
         """``([N, M, D], M)``: ViT patch features → 2×2 pooling → connector MLP."""
@@ -259,15 +343,18 @@ def generate(config: VLMConfig, variables, tokens_BT, images_BIHWC, *, max_new_t
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens",))
 def _generate_jit(config, variables, tokens_BT, images_BIHWC, *, max_new_tokens):
-    """Prefill (image tokens enter the cache once) + ``lax.scan`` over text tokens."""
+    """Prefill (image tokens enter the cache once) + ``lax.scan`` over text tokens (causal)."""
     B, T = tokens_BT.shape
-    x_BTD, pos_BT = VLM(config).apply(variables, tokens_BT, images_BIHWC, method=VLM.embed_inputs)
+    x_BTD, pos_BT, extra_BT2 = VLM(config).apply(variables, tokens_BT, images_BIHWC,
+                                                 method=VLM.embed_inputs)
     lm = Transformer(config.lm)
     lm_vars = {"params": variables["params"]["lm"]}
     cache = init_cache(config.lm, B, T + max_new_tokens)
     ones_BT = jnp.ones((B, T), jnp.int32)
+    # The prefill is the whole prompt in one call: image tokens see their extra ranges
+    # (own image / question) here, and the cache keeps the resulting keys and values.
     logits, cache = lm.apply(lm_vars, None, embeddings_BTD=x_BTD, positions_BT=pos_BT,
-                             segment_ids_BT=ones_BT, cache=cache)
+                             segment_ids_BT=ones_BT, cache=cache, extra_range_BT2=extra_BT2)
     first_V = logits[:, -1]
     tok_B = sample_token(first_V, None, 1.0, greedy=True)
 
@@ -348,28 +435,45 @@ def scatter_image_tokens(text_BTD, image_BSD, is_image_BT):
     return jnp.where(is_image_BT[..., None], gathered_BTD.astype(text_BTD.dtype), text_BTD)
 
 
-def reference_mask(kind: str, is_image_BT, tokens_per_image: int):
-    """Dense visibility ``[B, T, T]`` (query, key) of each mask option, built directly.
+def reference_mask(kind: str, tokens_BT, *, image_token_id: int, tokens_per_image: int,
+                   question_end_id: int | None = None):
+    """Dense visibility ``[B, T, T]`` (query, key) of each mask option, built directly
+    with loops from the definitions in the module docstring (numpy; for tests).
 
-    "causal": key <= query. "prefix": also all tokens of the query's own image.
-    "mutual": "prefix" plus, for image queries, every later text token.
+    "causal": key <= query. "prefix": also every token of the query's own image.
+    "mutual": causal, plus for an image query the text run after its image (images
+    right after it skipped) up to the next image or the ``question_end_id`` token
+    (inclusive), provided a question end follows.
 
     Example:
-      >>> reference_mask("mutual", np.array([[0, 1, 1, 0]], bool), 2)[0].astype(int).tolist()
-      [[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+      >>> reference_mask("mutual", np.array([[2, 2, 5, 3, 7]]), image_token_id=2,
+      ...                tokens_per_image=2, question_end_id=3)[0].astype(int).tolist()
+      [[1, 0, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     """
-    is_img = np.asarray(is_image_BT, bool)
-    B, T = is_img.shape
+    if kind not in ("causal", "prefix", "mutual"):
+        raise ValueError(f"reference_mask: kind must be 'causal', 'prefix' or 'mutual', got {kind!r}")
+    tokens = np.asarray(tokens_BT)
+    B, T = tokens.shape
     vis = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, T, T)).copy()
-    if kind == "causal":
-        return vis
-    image_id = np.where(is_img, np.cumsum(is_img, 1) - 1, -1) // tokens_per_image
-    image_id = np.where(is_img, image_id, -1)
-    same = (image_id[:, :, None] == image_id[:, None, :]) & is_img[:, :, None]
-    vis |= same
-    if kind == "prefix":
-        return vis
-    if kind == "mutual":
-        later_text = np.triu(np.ones((T, T), bool), 1)[None] & ~is_img[:, None, :]
-        return vis | (is_img[:, :, None] & later_text)
-    raise ValueError(f"reference_mask: kind must be 'causal', 'prefix' or 'mutual', got {kind!r}")
+    for b in range(B):
+        is_img = tokens[b] == image_token_id
+        members = np.flatnonzero(is_img).reshape(-1, tokens_per_image)  # one row per image
+        for img in members:
+            last = img.max()
+            if kind == "prefix":
+                vis[b, img[:, None], img[None, :]] = True
+            if kind != "mutual":
+                continue
+            lo = last + 1
+            while lo < T and is_img[lo]:
+                lo += 1
+            text_after = [s for s in range(lo, T) if not is_img[s]]
+            if not any(tokens[b, s] == question_end_id for s in text_after):
+                continue
+            for s in range(lo, T):
+                if is_img[s]:
+                    break
+                vis[b, img, s] = True
+                if tokens[b, s] == question_end_id:
+                    break
+    return vis

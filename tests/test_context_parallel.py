@@ -228,3 +228,28 @@ def test_zigzag_refused_for_convolutional_mechanisms():
     exp = _experiment((1, 1, 8, 1), "ring", attn="cca", zigzag=True)
     with pytest.raises(ValueError, match="convolutions"):
         trainer._build_compiled(exp)
+
+
+def test_pallas_kernel_runs_inside_the_ring():
+    """Any implementation runs on the local shards: here the Triton kernel, interpreted."""
+    mesh = make_mesh(MeshConfig(shape=(1, 1, 2, 1), num_devices=2))
+    ks = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(ks[0], (1, 64, 2, 32))
+    k, v = jax.random.normal(ks[1], (1, 64, 1, 32)), jax.random.normal(ks[2], (1, 64, 1, 32))
+    perm = cpl.zigzag_permutation(64, 4)
+    pos = jnp.broadcast_to(jnp.arange(64), (1, 64))[:, perm]
+
+    def split(q, k, v):
+        o = cpl.context_parallel_attention(q[:, perm], k[:, perm], v[:, perm], impl="pallas_gpu_interpret",
+                                           mask=Mask(causal=True, q_positions=pos, kv_positions=pos),
+                                           strategy="ring", mesh=mesh, zigzag=True)
+        return o[:, np.argsort(perm)]
+
+    def ref(q, k, v):
+        return attention(q, k, v, mask=Mask(causal=True), impl="xla")
+
+    w = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+    for a, b in zip(jax.jit(jax.grad(lambda *x: jnp.sum(split(*x) * w), (0, 1, 2)))(q, k, v),
+                    jax.grad(lambda *x: jnp.sum(ref(*x) * w), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(split)(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)

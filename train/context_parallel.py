@@ -387,6 +387,9 @@ def context_parallel_attention(q, k, v, *, mask: Mask | None = None, scale=None,
     if mask.block_mask is not None or mask.dense is not None:
         raise NotImplementedError("context parallelism: block_mask / dense masks are defined on "
                                   "array indices, which the sequence split reorders; use context=1")
+    if mask.q_extra_range is not None:
+        raise NotImplementedError("context parallelism does not carry Mask.q_extra_range (the VLM "
+                                  "prefix/mutual masks) yet; use mesh context=1 for this model")
     B, T, N, H = q.shape
     K, S = k.shape[2], k.shape[1]
     if S != T:

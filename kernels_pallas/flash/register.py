@@ -19,7 +19,8 @@ users who want the kernels' semantics; they are slow and never chosen by ``"auto
 
 Every kernel refuses, with the reason: ``bias`` (not implemented: a ``[B,N,T,S]``
 bias would have to be streamed per block — use ``xla`` / ``xla_chunked``),
-``Mask.dense`` (reference implementations only), a ``block_mask`` whose block size is
+``Mask.dense`` (reference implementations only), ``Mask.q_extra_range`` (the block
+classification of ``masking.py`` does not know it), a ``block_mask`` whose block size is
 not a multiple of a legal kernel block, and float64 on hardware.
 
 A Hopper module plugs in by defining ``supports(call, *, interpret) -> str | None`` and
@@ -59,6 +60,9 @@ def _common_reason(call: core.AttentionCall, *, interpret: bool, max_head_dim: i
         return BIAS_REASON
     if call.mask.dense is not None:
         return "Mask.dense is only accepted by the reference implementations ('xla')"
+    if call.mask.q_extra_range is not None:
+        return ("Mask.q_extra_range is not in the kernels' block classification; use impl='xla' "
+                "or 'xla_chunked'")
     if call.q_len == 0 or call.kv_len == 0:
         return "empty sequence (T or S is 0)"
     if not interpret and call.dtype == jnp.dtype(jnp.float64):

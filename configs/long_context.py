@@ -1,0 +1,110 @@
+"""Byte-level LM at an 8192-token context, the sequence split 4 ways (context parallelism).
+
+Run on forced CPU devices (XLA_FLAGS must be set before JAX starts, hence on the
+command line; without it the mesh reports "needs 4 devices, have 1"):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
+        python -m train --config configs/long_context.py --workdir runs/long
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
+        python -m train --config configs/long_context.py:strategy=ulysses --workdir runs/long-ulysses
+
+On a machine with 4 or more accelerators drop XLA_FLAGS. Mesh ``(data 1, fsdp 1,
+context 4, tensor 1)`` on the first ``context`` devices: every attention layer runs
+through ``train/context_parallel.py`` with the chosen strategy, in the zigzag order
+(causal load balance), and every other layer works on its own 2048 tokens. The model is
+small (D 64, 2 layers, 4 heads) so that at 8192 tokens a step is about 1-2 s on 2 CPU
+cores, where attention is most of the work; docs/scaling.md says which strategy wins where.
+
+Arguments after ``:`` (comma separated key=value):
+  strategy  ring | all_gather | ulysses | hybrid   context-parallel strategy (ulysses
+                                                   needs heads % context == 0)
+  context   int             context-parallel degree cp (mesh axis "context")
+  seq       int             sequence length T; divides by 2·cp (zigzag)
+  steps     int             training steps
+  attn      a registry name attention of every layer (mha, gqa, mqa, ...)
+  impl      str             attention on the local shards ("auto": each layer's own)
+  seed      int             init and data seed
+
+The corpus is configs/text.py's (Python's ``pydoc_data.topics``, about 466k bytes;
+the last 5% held out). Every default lives in this file.
+"""
+
+from ml_collections import ConfigDict
+
+from train.config_args import check_choice, parse_arg_string
+
+ARGS = {
+    "strategy": "ring",
+    "context": 4,
+    "seq": 8192,
+    "steps": 200,
+    "attn": "mha",
+    "impl": "auto",
+    "seed": 0,
+}
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    """The long-context experiment; ``arg`` is ``"strategy=ulysses,steps=20"`` style overrides."""
+    a = parse_arg_string(arg, ARGS)
+    check_choice("strategy", a["strategy"], ("ring", "all_gather", "ulysses", "hybrid"))
+    cp = a["context"]
+    if a["seq"] % (2 * cp):
+        raise ValueError(f"config argument seq={a['seq']} must divide by 2·context={2 * cp} (zigzag)")
+
+    c = ConfigDict()
+    c.model = ConfigDict(dict(
+        vocab_size=256,
+        d_model=64,
+        num_layers=2,
+        # 4 heads: ulysses (N % cp) and hybrid (u = 2 at cp 4) both divide them.
+        num_heads=4,
+        attn=a["attn"],
+        attn_overrides={},
+        tie_embeddings=True,
+        remat="none",
+        scan_layers=False,
+        dtype="float32",  # bfloat16 is no faster on CPU
+        param_dtype="float32",
+    ))
+    c.data = ConfigDict(dict(
+        source="text",
+        seq_len=a["seq"],
+        # One sequence per step: data x fsdp = 1, so the batch is not split; the
+        # sequence is, over the context axis.
+        batch_size=1,
+        eval_batch_size=1,
+        seed=a["seed"],
+        options=dict(eval_fraction=0.05),
+    ))
+    c.optim = ConfigDict(dict(
+        name="adamw",
+        learning_rate=2e-3,
+        warmup_steps=min(50, a["steps"] // 4),  # short smoke runs still validate
+        decay_steps=None,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-8,
+        grad_clip_norm=1.0,
+    ))
+    c.train = ConfigDict(dict(
+        num_steps=a["steps"],
+        log_every=10,
+        eval_every=0,  # only at the end: each 8192-token eval batch costs about a step
+        eval_steps=2,
+        seed=a["seed"],
+        aux_loss_weight=0.01,
+        progress_bar=True,
+    ))
+    # num_devices: the mesh takes the first cp devices, so a host with more still runs it.
+    c.mesh = ConfigDict(dict(shape=(1, 1, cp, 1), rules=None, num_devices=cp))
+    c.context_parallel = ConfigDict(dict(
+        strategy=a["strategy"],
+        ulysses_degree=None,  # hybrid: cp's largest proper divisor (2 x 2 at cp 4)
+        zigzag=None,          # on: the LM mixes tokens only through attention
+        impl=None if a["impl"] == "auto" else a["impl"],
+    ))
+    c.checkpoint = ConfigDict(dict(enabled=True, every_steps=100, max_to_keep=2, async_save=True))
+    return c
