@@ -62,14 +62,18 @@ SWEEP_OVERRIDES: dict[str, Callable[[int], dict]] = {
 # Sweep presets. "quick" is a plumbing check (< 5 min on 2 CPU cores: compilation
 # dominates, and 40 steps are far too few for the recall circuit to form, so accuracies
 # sit near chance; ~4 min measured). "default" is sized for < 30 min on 2 CPU cores
-# (18 cells) and chosen to separate mechanisms: 16 key-value pairs in 64 tokens is
-# harder than the main job's 8, and 800 steps is about when the recall circuit forms.
+# (18 cells; measured 18.6 min on 2 cores shared with other jobs, load average 8-12) and
+# chosen to separate mechanisms: 16 key-value pairs in 64 tokens is harder than the main
+# job's 8, and 800 steps is about when the recall circuit forms, so the fast learners
+# (cca, ccgqa, mha, gqa) reach >= 0.99 while mla stays near 0.09.
 # Calibration probes on 2 shared cores: at 64/16, mha learns (0.997 at width 32 after
-# 800 steps, 1.0 at width 64 after 1000) while mla does not yet (0.089 / 0.642); at 64/4
-# and 250 steps (the old default) only cca/ccgqa had learned, and at 128/16 a step costs
-# ~4x more (mha 0.08, cca 1.0 after 600 steps). Width 128 costs ~4x width 64 per step,
-# so it is left to "full". "full" is the Zoology-like range (64/4 up to 512/64) with the
-# step budget configs/mqar.py found recall needs; it is meant for an accelerator.
+# 800 steps, 1.0 at width 64 after 1000) while mla does not yet (0.089 at width 32 after
+# 800, 0.642 at width 64 after 1000); at 64/4 and 250 steps (the old default) only
+# cca/ccgqa had learned; at 128/16 a width-64 step took 163 ms (2-4x 64/16) and after 600
+# steps mha was at 0.08, cca at 1.0. Width 128 took 3-5x width 64's step time in the old
+# default sweep, so it is left to "full". "full" is the Zoology-like range (64/4 up to
+# 512/64) with the step budget configs/mqar.py found recall needs; it is meant for an
+# accelerator.
 PRESETS: dict[str, dict] = {
     "quick": dict(widths=(64,), settings=((64, 4),), steps=40, hybrids=("gqa,mla", "moh,gqa")),
     "default": dict(widths=(32, 64), settings=((64, 16),), steps=800,
@@ -183,6 +187,7 @@ def plot(rows, out_dir: str, stem: str) -> list[str]:
         ax.set(title=f"MQAR T={T}, kv={kv}", xlabel="model width", ylabel="eval accuracy", xscale="log",
                ylim=(-0.02, 1.02))
         ax.set_xticks(sorted({r["width"] for r in ok}), labels=[str(w) for w in sorted({r["width"] for r in ok})])
+        ax.minorticks_off()  # the log axis would otherwise label 4x10^1, 6x10^1 ...
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, f"{stem}-acc-vs-width.png"))

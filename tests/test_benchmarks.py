@@ -79,7 +79,7 @@ def test_zoo_overrides_build_valid_configs_for_every_mechanism():
     from models.transformer import LMConfig
 
     for name in list(registry.names()) + ["gqa,mla", "moh,gqa"]:
-        for width in (64, 128, 256):
+        for width in (32, 64, 128, 256):
             c = zoo.build_config(name, width, 256, 16, 10)
             LMConfig(**c.model.to_dict())  # validates every layer config
             assert zoo.model_stats(c)["params"] > 0
