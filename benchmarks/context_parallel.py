@@ -190,14 +190,15 @@ def analytic_bytes(strategy: str, *, B: int, T: int, N: int, K: int, H: int, ite
            + f·4·m·B·T/r · (1 | 2)                   all-gather the ints (q's and kv's)
            + (r−1)·(2·B·(T/r)·(K_u/u)·H·b + 4·m·B·T/r)  ring: K/V block + ints, r−1 shifts
         bwd  f·B·t·H·b·(N + N + 2·K_u)               all-to-all dO in; dQ, dK, dV out
-           + (r−1)·(2·B·(T/r)·(K_u/u)·H·b + 4·m·B·T/r)  (not merged) ring: K/V again
+           + (r−1)·(2·B·(T/r)·(K_u/u)·H·b + 4·m·B·T/r)  ring: K/V again (reverse direction)
            + r·2·B·(T/r)·(K_u/u)·H·a                    ring: dK/dV accumulators, r shifts
 
     ``merged`` models what XLA compiles forward and backward in one program into: its
     CSE merges identical collectives, so self-attention's q and kv ints (the same
-    arrays) are gathered once, and the backward's K/V shifts, which repeat the forward's
-    exactly, are not sent again (the forward's received blocks stay alive instead).
-    ``merged=False`` counts every collective the code issues.
+    arrays) are gathered once. (The ring's backward turns the other way round, so its
+    K/V shifts are not identical to the forward's and are always sent: that keeps
+    activation memory at O(T/cp).) ``merged=False`` counts every collective the code
+    issues.
 
     Example (ring, cp 8, K 2, float32, causal: 7 shifts of K, V and positions):
       >>> d = analytic_bytes("ring", B=1, T=4096, N=8, K=2, H=64, itemsize=4, cp=8,
@@ -221,7 +222,7 @@ def analytic_bytes(strategy: str, *, B: int, T: int, N: int, K: int, H: int, ite
            + f * 4 * m * B * T / r * (1 if merged else 2) + ring_kv)
     bwd = f * B * t * H * itemsize * (2 * N + 2 * ku)
     if r > 1:
-        bwd += r * kv_block * a + (0 if merged else ring_kv)
+        bwd += r * kv_block * a + ring_kv
     return {"fwd": fwd, "bwd": bwd}
 
 
