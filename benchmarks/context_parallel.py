@@ -83,17 +83,14 @@ from train.sharding import MeshConfig, make_mesh  # noqa: E402
 
 STRATEGIES = ("all_gather", "ring", "ulysses", "hybrid")
 NOTES = """\
-**HLO against the code.** ``formula`` equals the HLO to the byte in every cell once two
-effects of XLA's CSE are modelled; ``issued`` counts what the code issues before them:
-(1) the backward of ring and hybrid repeats the forward's K/V shifts exactly (same
-operands, same permutation), so XLA merges them and the compiled forward + backward
-sends K/V once, plus the r shifts of the float32 dK/dV accumulators: the forward's
-received blocks stay alive until the backward instead (K/V memory O(T), not O(T/r), in
-a program without remat). (2) Self-attention's q and kv positions (and segment ids)
-are the same arrays, so Ulysses gathers them once. Dead values are dropped too: the
-full mask never reads positions, so none travel; the lse all-to-all is gone because
-the layer does not return lse. docs/scaling.md §4 counts r K/V shifts in the ring's
-backward (the code issues r − 1, and the compiled program none).
+**HLO against the code.** ``formula`` equals the HLO to the byte in every cell once
+XLA's CSE is modelled; ``issued`` counts what the code issues before it: self-attention's
+q and kv positions (and segment ids) are the same arrays, so Ulysses gathers them once.
+The ring's backward sends K/V again, packed into one buffer: shipped exactly as in the
+forward, XLA would merge the two sets of shifts and keep every block the forward
+received alive until the backward (O(T) K/V memory instead of O(T/r)). Dead values are
+dropped: the full mask never reads positions, so none travel; the lse all-to-all is
+gone because the layer does not return lse.
 
 **Time.** 8 forced devices time-share the host's cores (here 2, shared with other jobs),
 collectives are memcpys: the columns show the work each strategy does and how well
@@ -190,13 +187,13 @@ def analytic_bytes(strategy: str, *, B: int, T: int, N: int, K: int, H: int, ite
            + f·4·m·B·T/r · (1 | 2)                   all-gather the ints (q's and kv's)
            + (r−1)·(2·B·(T/r)·(K_u/u)·H·b + 4·m·B·T/r)  ring: K/V block + ints, r−1 shifts
         bwd  f·B·t·H·b·(N + N + 2·K_u)               all-to-all dO in; dQ, dK, dV out
-           + (r−1)·(2·B·(T/r)·(K_u/u)·H·b + 4·m·B·T/r)  ring: K/V again (reverse direction)
+           + (r−1)·(2·B·(T/r)·(K_u/u)·H·b + 4·m·B·T/r)  ring: K/V again (packed)
            + r·2·B·(T/r)·(K_u/u)·H·a                    ring: dK/dV accumulators, r shifts
 
     ``merged`` models what XLA compiles forward and backward in one program into: its
     CSE merges identical collectives, so self-attention's q and kv ints (the same
-    arrays) are gathered once. (The ring's backward turns the other way round, so its
-    K/V shifts are not identical to the forward's and are always sent: that keeps
+    arrays) are gathered once. (The ring's backward ships K/V packed into one buffer,
+    so its shifts are not identical to the forward's and are always sent: that keeps
     activation memory at O(T/cp).) ``merged=False`` counts every collective the code
     issues.
 

@@ -183,10 +183,10 @@ class _Ring:
     def me(self):
         return lax.axis_index(self.axis) // self.stride
 
-    def shift(self, tree, step: int = 1):
-        """Send every leaf ``step`` members along the ring (1: to the next, -1: back)."""
+    def shift(self, tree):
+        """Send every leaf one step along the ring (to the next member)."""
         n = self.size * self.stride
-        perm = [(i, ((i // self.stride + step) % self.size) * self.stride + i % self.stride)
+        perm = [(i, ((i // self.stride + 1) % self.size) * self.stride + i % self.stride)
                 for i in range(n)]
         return jax.tree.map(lambda x: lax.ppermute(x, self.axis, perm), tree)
 
@@ -255,9 +255,10 @@ def _ring_bwd(ring, res, cts):
     ``do_j = w_j·do`` and ``dlse_j = w_j·(⟨do, o_j − o⟩ + dlse)``. dK/dV accumulators ride
     with their block and reach home after one more shift.
 
-    The backward turns the other way round the ring. Going the same way, its K/V
-    shifts would be identical to the forward's, XLA would merge them, and every block
-    the forward received would stay alive until here: O(T) memory, not O(T / cp).
+    K and V travel packed as one ``[.., H + E]`` buffer (and the ints as one
+    ``[B, t, 2]``). Shipped as in the forward, the shifts would be identical to the
+    forward's, XLA would merge them, and every block the forward received would stay
+    alive until here: O(T) memory instead of O(T / cp).
     """
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
     do, dlse = cts
@@ -266,18 +267,21 @@ def _ring_bwd(ring, res, cts):
     ref = jnp.where(jnp.isfinite(lse), lse, 0.0)
     dq = jnp.zeros(q.shape, jnp.float32)
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    blk = (k, v, kpos, kseg)
+    H = k.shape[-1]
+    blk = (jnp.concatenate([k, v], -1),
+           kpos[..., None] if kseg is None else jnp.stack([kpos, kseg], -1))
     for j in range(ring.size):
-        nxt = ring.shift(blk, -1) if j + 1 < ring.size else None
-        kb, vb, kpb, ksb = blk
-        src = (me + j) % ring.size
+        nxt = ring.shift(blk) if j + 1 < ring.size else None
+        kb, vb = blk[0][..., :H], blk[0][..., H:]
+        kpb, ksb = blk[1][..., 0], None if kseg is None else blk[1][..., 1]
+        src = (me - j) % ring.size
         (o_j, lse_j), vjp = jax.vjp(
             lambda q_, k_, v_: _ring_block(ring, q_, qpos, qseg, k_, v_, kpb, ksb, src, me), q, kb, vb)
         w = jnp.exp(lse_j - ref)
         dot = jnp.transpose(jnp.sum(do * (o_j - o), -1), (0, 2, 1))
         dq_j, dk_j, dv_j = vjp((_tw(w) * do, w * (dot + dlse)))
         dq = dq + dq_j
-        dk, dv = ring.shift((dk + dk_j, dv + dv_j), -1)
+        dk, dv = ring.shift((dk + dk_j, dv + dv_j))
         blk = nxt
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
 
