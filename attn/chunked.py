@@ -106,7 +106,7 @@ def _static_bias(bias, B, N, T, S, K):
     return bg if bg.shape[-1] == 1 else None
 
 
-def _forward(q, k, v, sinks, bias, mask, scale, softcap, C):
+def _forward(q, k, v, sinks, bias, mask, scale, softcap, C, out_dtype):
     B, T, N, H = q.shape
     S, K, E = k.shape[1], k.shape[2], v.shape[3]
     G = N // K
@@ -135,21 +135,21 @@ def _forward(q, k, v, sinks, bias, mask, scale, softcap, C):
     )
     (m, l, o), _ = jax.lax.scan(step, init, xs)
     sinks_KG = None if sinks is None else sinks.reshape(K, G)
-    o, lse = core._finalize(m, l, o, sinks_KG, q.dtype)
+    o, lse = core._finalize(m, l, o, sinks_KG, q.dtype if out_dtype is None else out_dtype)
     return core._to_public(o, lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _chunked(q, k, v, sinks, bias, mask, scale, softcap, C):
-    return _forward(q, k, v, sinks, bias, mask, scale, softcap, C)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _chunked(q, k, v, sinks, bias, mask, scale, softcap, C, out_dtype):
+    return _forward(q, k, v, sinks, bias, mask, scale, softcap, C, out_dtype)
 
 
-def _chunked_fwd(q, k, v, sinks, bias, mask, scale, softcap, C):
-    o, lse = _forward(q, k, v, sinks, bias, mask, scale, softcap, C)
+def _chunked_fwd(q, k, v, sinks, bias, mask, scale, softcap, C, out_dtype):
+    o, lse = _forward(q, k, v, sinks, bias, mask, scale, softcap, C, out_dtype)
     return (o, lse), (q, k, v, sinks, bias, mask, o, lse)
 
 
-def _chunked_bwd(scale, softcap, C, res, cts):
+def _chunked_bwd(scale, softcap, C, out_dtype, res, cts):
     q, k, v, sinks, bias, mask, o, lse = res
     do, dlse = cts
     B, T, N, H = q.shape
@@ -227,10 +227,12 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def chunked_attention(q, k, v, *, mask: Mask | None = None, scale=None, softcap=None,
-                      sinks=None, bias=None, return_lse=False, chunk_size: int = DEFAULT_CHUNK):
+                      sinks=None, bias=None, return_lse=False, chunk_size: int = DEFAULT_CHUNK,
+                      out_dtype=None):
     """Online-softmax attention over key blocks of ``chunk_size``; returns ``(o, lse)``.
 
-    Same arguments and shapes as ``attn.core.attention``; any S (keys are padded
+    Same arguments and shapes as ``attn.core.attention`` (``o`` in ``out_dtype``,
+    default the input dtype); any S (keys are padded
     internally to a multiple of ``chunk_size``). Memory is O(T·chunk_size) forward and
     backward. ``dense`` masks are refused (they are already O(T·S)).
 
@@ -246,12 +248,13 @@ def chunked_attention(q, k, v, *, mask: Mask | None = None, scale=None, softcap=
         raise NotImplementedError("xla_chunked does not take Mask.dense; use impl='xla'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     C = int(min(chunk_size, max(k.shape[1], 1)))
-    return _chunked(q, k, v, sinks, bias, mask, scale, softcap, C)
+    return _chunked(q, k, v, sinks, bias, mask, scale, softcap, C,
+                    None if out_dtype is None else jnp.dtype(out_dtype))
 
 
-def _impl(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse):
+def _impl(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, out_dtype=None):
     return chunked_attention(q, k, v, mask=mask, scale=scale, softcap=softcap, sinks=sinks,
-                             bias=bias)
+                             bias=bias, out_dtype=out_dtype)
 
 
 def _supports(call: core.AttentionCall) -> str | None:
@@ -260,4 +263,4 @@ def _supports(call: core.AttentionCall) -> str | None:
     return None
 
 
-core.register_impl("xla_chunked", _impl, _supports)
+core.register_impl("xla_chunked", _impl, _supports, float32_out=True)

@@ -107,6 +107,9 @@ class Impl:
     # Why "auto" should pass this one over even though it could run the call
     # (for example: dense logits too large). None = happy to be picked.
     auto_declines: Callable[[AttentionCall], str | None] = lambda call: None
+    # ``fn`` also takes ``out_dtype=`` (float32 ``o`` from low-precision inputs), for
+    # callers that merge partial results (the context-parallel ring) without rounding.
+    float32_out: bool = False
 
 
 _IMPLS: dict[str, Impl] = {}
@@ -126,13 +129,15 @@ def register_impl(
     supports: Callable[[AttentionCall], str | None],
     *,
     auto_declines: Callable[[AttentionCall], str | None] | None = None,
+    float32_out: bool = False,
 ) -> None:
     """Register an implementation under ``name`` (re-registering replaces it).
 
     ``fn(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse) -> (o, lse | None)``;
-    ``supports(call: AttentionCall) -> None | reason``.
+    ``supports(call: AttentionCall) -> None | reason``. ``float32_out``: ``fn`` also
+    accepts ``out_dtype=jnp.float32``.
     """
-    _IMPLS[name] = Impl(name, fn, supports, auto_declines or (lambda call: None))
+    _IMPLS[name] = Impl(name, fn, supports, auto_declines or (lambda call: None), float32_out)
 
 
 def registered_impls() -> tuple[str, ...]:
@@ -375,11 +380,12 @@ def _to_public(o_BKGTE, lse_BKGT):
 
 # --------------------------------------------------------------------------- xla
 def xla_attention(q, k, v, *, mask: Mask | None = None, scale=None, softcap=None, sinks=None,
-                  bias=None, return_lse=False):
+                  bias=None, return_lse=False, out_dtype=None):
     """Reference attention with dense ``[B,K,G,T,S]`` logits; returns ``(o, lse)``.
 
     Same arguments and shapes as ``attention``; accumulates in float32 (float64 for
-    float64 inputs). Gradients come from autodiff.
+    float64 inputs); ``o`` in ``out_dtype`` (default: the input dtype). Gradients come
+    from autodiff.
 
     Example:
       >>> import jax
@@ -412,7 +418,7 @@ def xla_attention(q, k, v, *, mask: Mask | None = None, scale=None, softcap=None
     l = jnp.sum(p, axis=-1)
     o = jnp.einsum("BKGTS,BSKE->BKGTE", p, v.astype(acc))
     sinks_KG = None if sinks is None else sinks.reshape(K, G)
-    o, lse = _finalize(m, l, o, sinks_KG, q.dtype)
+    o, lse = _finalize(m, l, o, sinks_KG, q.dtype if out_dtype is None else out_dtype)
     return _to_public(o, lse)
 
 
@@ -431,7 +437,8 @@ def _xla_auto_declines(call: AttentionCall) -> str | None:
     return None
 
 
-register_impl("xla", xla_attention, _xla_supports, auto_declines=_xla_auto_declines)
+register_impl("xla", xla_attention, _xla_supports, auto_declines=_xla_auto_declines,
+              float32_out=True)
 
 # xla_chunked, cudnn and the Pallas kernels live in their own modules and register
 # themselves on import.

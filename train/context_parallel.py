@@ -140,15 +140,20 @@ class _Local:
     impl: str
 
 
-def _inner(spec: _Local, q, k, v, qpos, kpos, qseg, kseg, sinks):
-    """One local attention call through the registry; ``(o, lse)``."""
+def _inner(spec: _Local, q, k, v, qpos, kpos, qseg, kseg, sinks, *, float32_out=False):
+    """One local attention call through the registry; ``(o, lse)``.
+
+    ``float32_out``: ask for a float32 ``o`` where the implementation offers it
+    (``Impl.float32_out``), so partial results are merged before any rounding.
+    """
     mask = Mask(causal=spec.causal, window=spec.window, q_positions=qpos, kv_positions=kpos,
                 q_segment_ids=qseg, kv_segment_ids=kseg)
     call = core.make_call(q, k, v, mask=mask, scale=spec.scale, softcap=spec.softcap,
                           sinks=sinks, return_lse=True)
-    return core.select_impl(call, spec.impl).fn(q, k, v, mask=mask, scale=spec.scale,
-                                                 softcap=spec.softcap, sinks=sinks, bias=None,
-                                                 return_lse=True)
+    impl = core.select_impl(call, spec.impl)
+    extra = {"out_dtype": jnp.float32} if float32_out and impl.float32_out else {}
+    return impl.fn(q, k, v, mask=mask, scale=spec.scale, softcap=spec.softcap, sinks=sinks,
+                   bias=None, return_lse=True, **extra)
 
 
 def _tw(w):
@@ -209,7 +214,8 @@ def _ring_block(ring: _Ring, q, qpos, qseg, k, v, kpos, kseg, src, me):
     of queries. Positions still mask everything exactly inside each call.
     """
     spec = ring.spec
-    full = lambda: _f32(_inner(spec, q, k, v, qpos, kpos, qseg, kseg, None))  # noqa: E731
+    inner = functools.partial(_inner, spec, float32_out=True)
+    full = lambda: _f32(inner(q, k, v, qpos, kpos, qseg, kseg, None))  # noqa: E731
     if not spec.causal:
         return full()
     if not ring.zigzag:
@@ -219,11 +225,11 @@ def _ring_block(ring: _Ring, q, qpos, qseg, k, v, kpos, kseg, src, me):
 
     def early_keys():  # src < me: only src's first chunk precedes my queries
         b = slice(0, h)
-        return _f32(_inner(spec, q, cut(k, b), cut(v, b), qpos, cut(kpos, b), qseg, cut(kseg, b), None))
+        return _f32(inner(q, cut(k, b), cut(v, b), qpos, cut(kpos, b), qseg, cut(kseg, b), None))
 
     def late_queries():  # src > me: only my second chunk follows src's keys
         s = slice(h, None)
-        o2, l2 = _f32(_inner(spec, cut(q, s), k, v, cut(qpos, s), kpos, cut(qseg, s), kseg, None))
+        o2, l2 = _f32(inner(cut(q, s), k, v, cut(qpos, s), kpos, cut(qseg, s), kseg, None))
         o0, l0 = _empty(q[:, :h], v)
         return jnp.concatenate([o0, o2], 1), jnp.concatenate([l0, l2], 2)
 
