@@ -7,6 +7,7 @@ leaves the kernels in natural units.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -99,3 +100,42 @@ def backward_rows(do_BTNE, o_BTNE, lse_BNT, dlse_BNT, q_padded: int):
     pad = q_padded - lse_BNT.shape[-1]
     lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, pad)), constant_values=jnp.inf)
     return D, fit(D, 2, q_padded), lse2
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKernelCfg:
+    """Static description of one attention call for the GPU kernels (hashable).
+
+    The Mosaic GPU kernels use it as is; the Triton kernels extend it with their
+    launch parameters.
+    """
+
+    B: int
+    T: int
+    S: int
+    N: int
+    K: int
+    Hp: int
+    Ep: int
+    scale: float
+    softcap: float | None
+    left: int | None
+    right: int | None  # causality folded in
+    has_qpos: bool
+    has_kvpos: bool
+    has_seg: bool
+    has_sinks: bool
+    interpret: bool
+
+    @property
+    def G(self) -> int:
+        return self.N // self.K
+
+
+def gpu_cfg_fields(B, T, S, N, K, Hp, Ep, mask, *, scale, softcap, has_sinks, interpret) -> dict:
+    """The ``GpuKernelCfg`` fields of one call (the mask's statics folded in)."""
+    return dict(B=B, T=T, S=S, N=N, K=K, Hp=Hp, Ep=Ep, scale=float(scale),
+                softcap=None if softcap is None else float(softcap),
+                left=clip_window(mask.window_left), right=clip_window(mask.window_right),
+                has_qpos=mask.q_positions is not None, has_kvpos=mask.kv_positions is not None,
+                has_seg=mask.has_segments, has_sinks=has_sinks, interpret=bool(interpret))

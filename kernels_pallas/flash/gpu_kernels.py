@@ -32,37 +32,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.flash._common import LN2, logits2, visibility
+from kernels_pallas.flash._common import LN2, GpuKernelCfg, logits2, visibility
 from kernels_pallas.flash._compat import mgpu_layout, mgpu_load_vec
 from kernels_pallas.flash.masking import Tiling
 
 WG = 64  # rows per compute warpgroup: the M of one wgmma
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelCfg:
-    """Static description of one attention call (hashable)."""
-
-    B: int
-    T: int
-    S: int
-    N: int
-    K: int
-    Hp: int
-    Ep: int
-    scale: float
-    softcap: float | None
-    left: int | None
-    right: int | None  # causality folded in
-    has_qpos: bool
-    has_kvpos: bool
-    has_seg: bool
-    has_sinks: bool
-    interpret: bool
-
-    @property
-    def G(self) -> int:
-        return self.N // self.K
+KernelCfg = GpuKernelCfg  # no launch parameters beyond the shared ones
 
 
 @dataclasses.dataclass(frozen=True)

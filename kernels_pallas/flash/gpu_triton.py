@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from attn.masks import Mask
 from kernels_pallas.flash import gpu_triton_kernels as kern
 from kernels_pallas.flash import masking
-from kernels_pallas.flash._common import LOG2E, backward_rows, clip_window, fit, sink_grad
+from kernels_pallas.flash._common import LOG2E, backward_rows, fit, gpu_cfg_fields, sink_grad
 
 
 class TritonBlocks(NamedTuple):
@@ -134,12 +134,9 @@ def make_plan(q_shape, k_shape, v_shape, mask: Mask, *, scale: float, softcap, h
             raise NotImplementedError(reason)
         tils.append(masking.make_tiling(mask, batch=B, q_len=T, kv_len=S, num_heads=N,
                                         block_q=cq, block_kv=ck))
-    cfg = kern.KernelCfg(
-        B=B, T=T, S=S, N=N, K=K, Hp=Hp, Ep=Ep, scale=float(scale),
-        softcap=None if softcap is None else float(softcap), left=clip_window(mask.window_left),
-        right=clip_window(mask.window_right), has_qpos=mask.q_positions is not None,
-        has_kvpos=mask.kv_positions is not None, has_seg=mask.has_segments, has_sinks=has_sinks,
-        interpret=bool(interpret), num_warps=d.num_warps, num_stages=d.num_stages)
+    cfg = kern.KernelCfg(**gpu_cfg_fields(B, T, S, N, K, Hp, Ep, mask, scale=scale, softcap=softcap,
+                                          has_sinks=has_sinks, interpret=interpret),
+                         num_warps=d.num_warps, num_stages=d.num_stages)
     return Plan(H=H, E=E, causal=mask.causal, window=mask.window,
                 mask_block_size=mask.block_size if mask.block_mask is not None else None,
                 cfg=cfg, til_f=tils[0], til_b=tils[1])

@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.flash import _compat
-from kernels_pallas.flash._common import LN2, logits2, visibility
+from kernels_pallas.flash._common import LN2, GpuKernelCfg, logits2, visibility
 from kernels_pallas.flash.masking import Tiling
 
 NT = (((1,), (1,)), ((), ()))
@@ -29,31 +29,11 @@ NN = (((1,), (0,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelCfg:
-    """Static description of one attention call (hashable)."""
+class KernelCfg(GpuKernelCfg):
+    """The shared GPU call description plus the Triton launch parameters."""
 
-    B: int
-    T: int
-    S: int
-    N: int
-    K: int
-    Hp: int
-    Ep: int
-    scale: float
-    softcap: float | None
-    left: int | None
-    right: int | None  # causality folded in
-    has_qpos: bool
-    has_kvpos: bool
-    has_seg: bool
-    has_sinks: bool
-    interpret: bool
     num_warps: int
     num_stages: int
-
-    @property
-    def G(self) -> int:
-        return self.N // self.K
 
 
 def _params(cfg: KernelCfg):
