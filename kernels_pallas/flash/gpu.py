@@ -69,12 +69,7 @@ class BlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    H: int
-    E: int
-    causal: bool
-    window: tuple | None
-    mask_block_size: tuple | None
+class Plan(masking.PlanBase):
     cfg: object  # gpu_kernels.KernelCfg
     til_f: masking.Tiling
     til_dq: masking.Tiling
@@ -82,10 +77,6 @@ class Plan:
     launch_f: object  # gpu_kernels.Launch
     launch_dq: object
     launch_dkv: object
-
-    def mask(self, aux) -> Mask:
-        return masking.mask_from_aux(aux, causal=self.causal, window=self.window,
-                                     block_size=self.mask_block_size)
 
 
 def _round64(x: int) -> int:

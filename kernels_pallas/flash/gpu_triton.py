@@ -72,19 +72,10 @@ class BlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    H: int
-    E: int
-    causal: bool
-    window: tuple | None
-    mask_block_size: tuple | None
+class Plan(masking.PlanBase):
     cfg: kern.KernelCfg
     til_f: masking.Tiling
     til_b: masking.Tiling
-
-    def mask(self, aux) -> Mask:
-        return masking.mask_from_aux(aux, causal=self.causal, window=self.window,
-                                     block_size=self.mask_block_size)
 
 
 def _pow2(x: int) -> int:

@@ -406,6 +406,25 @@ def mask_from_aux(aux: dict, *, causal: bool, window, block_size) -> Mask:
                 block_size=block_size if aux["bm"] is not None else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanBase:
+    """What every kernel's plan keeps of a call: head dims and the mask's statics.
+
+    The kernels' ``Plan`` classes extend it with their config and tilings; ``mask``
+    rebuilds the ``Mask`` inside their custom VJPs from the ``mask_aux`` arrays.
+    """
+
+    H: int
+    E: int
+    causal: bool
+    window: tuple | None
+    mask_block_size: tuple | None
+
+    def mask(self, aux) -> Mask:
+        return mask_from_aux(aux, causal=self.causal, window=self.window,
+                             block_size=self.mask_block_size)
+
+
 def table_counts(table: Array) -> Array:
     """Visited-block counts ``[..., R]`` of a visit table ``[..., R, 1 + V]``.
 

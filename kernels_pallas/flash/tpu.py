@@ -108,22 +108,13 @@ class BlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Plan(masking.PlanBase):
     """Everything static about one call: shapes, tilings, kernel config."""
 
     N: int
-    H: int
-    E: int
-    causal: bool
-    window: tuple | None
-    mask_block_size: tuple | None
     cfg: KernelCfg
     til_f: masking.Tiling
     til_b: masking.Tiling
-
-    def mask(self, aux) -> Mask:
-        return masking.mask_from_aux(aux, causal=self.causal, window=self.window,
-                                     block_size=self.mask_block_size)
 
 
 def _round(x, m):
