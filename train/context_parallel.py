@@ -300,8 +300,8 @@ def _gather_seq(x, axis, groups):
     return None if x is None else lax.all_gather(x, axis, axis=1, tiled=True, axis_index_groups=groups)
 
 
-def _all_gather_local(spec, q, k, v, qpos, kpos, qseg, kseg, sinks, *, axis, cp, u):
-    del cp, u
+def _all_gather_local(spec, q, k, v, qpos, kpos, qseg, kseg, sinks, *, axis, cp, u, zigzag):
+    del cp, u, zigzag  # one gather serves every layout
     g = functools.partial(_gather_seq, axis=axis, groups=None)
     return _inner(spec, q, g(k), g(v), qpos, g(kpos), qseg, g(kseg), sinks)
 
@@ -372,7 +372,8 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 # --------------------------------------------------------------------------- entry point
-def _mesh_size(mesh, name):
+def mesh_axis_size(mesh, name: str) -> int:
+    """Size of mesh axis ``name`` (1 when the mesh has no such axis)."""
     return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1)
 
 
@@ -408,7 +409,7 @@ def context_parallel_attention(q, k, v, *, mask: Mask | None = None, scale=None,
     K, S = k.shape[2], k.shape[1]
     if S != T:
         raise ValueError(f"context parallelism shards self-attention: q has T={T}, k has S={S}")
-    cp, tp = _mesh_size(mesh, axis), _mesh_size(mesh, HEAD_AXIS)
+    cp, tp = mesh_axis_size(mesh, axis), mesh_axis_size(mesh, HEAD_AXIS)
     strat = STRATEGIES.get(strategy)
     if strat is None:
         raise ValueError(f"unknown context-parallel strategy {strategy!r}; known: {sorted(STRATEGIES)}")
@@ -424,16 +425,15 @@ def context_parallel_attention(q, k, v, *, mask: Mask | None = None, scale=None,
     if T % chunks:
         raise ValueError(f"{strategy}: T={T} does not divide into {chunks} sequence chunks "
                          f"({'2·ring size for zigzag' if zigzag else 'cp'})")
-    batch_axes = tuple(a for a in BATCH_AXES if _mesh_size(mesh, a) > 1)
-    if B % math.prod(_mesh_size(mesh, a) for a in batch_axes):
+    batch_axes = tuple(a for a in BATCH_AXES if mesh_axis_size(mesh, a) > 1)
+    if B % math.prod(mesh_axis_size(mesh, a) for a in batch_axes):
         batch_axes = ()  # replicate: correct, only redundant
     b = batch_axes or None
     qpos, kpos = mask.positions(B, T, S)
     qpos = jnp.broadcast_to(qpos, (B, T)).astype(jnp.int32)
     kpos = jnp.broadcast_to(kpos, (B, S)).astype(jnp.int32)
     spec = _Local(mask.causal, mask.window, float(H ** -0.5 if scale is None else scale), softcap, impl)
-    body = functools.partial(strat.local, spec, axis=axis, cp=cp, u=u,
-                             **({} if strat.local is _all_gather_local else {"zigzag": zigzag}))
+    body = functools.partial(strat.local, spec, axis=axis, cp=cp, u=u, zigzag=zigzag)
     x4, s2 = P(b, axis, head_axis, None), P(b, axis)
     args = (q, k, v, qpos, kpos, mask.q_segment_ids, mask.kv_segment_ids, sinks)
     specs = (x4, x4, x4, s2, s2, s2 if mask.has_segments else None, s2 if mask.has_segments else None,
@@ -464,7 +464,7 @@ def activate(config: ContextParallelConfig, mesh, *, zigzag: bool):
       (2, 32, 4, 8)
     """
     def route(call, q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, impl):
-        if call.q_len != call.kv_len or _mesh_size(mesh, CONTEXT_AXIS) == 1:
+        if call.q_len != call.kv_len or mesh_axis_size(mesh, CONTEXT_AXIS) == 1:
             return None
         if bias is not None:
             raise NotImplementedError("context parallelism does not shard an additive bias; "

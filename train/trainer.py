@@ -298,7 +298,7 @@ def _context_parallel(exp: Experiment, task: tasks.Task, mesh):
     config asks for it or, by default, whenever the task allows it.
     """
     cp_cfg = exp.context_parallel
-    cp = dict(zip(mesh.axis_names, mesh.axis_sizes))[cpl.CONTEXT_AXIS]
+    cp = cpl.mesh_axis_size(mesh, cpl.CONTEXT_AXIS)
     if cp == 1:
         return contextlib.nullcontext, lambda batch: batch
     refusal = task.zigzag_refusal(exp.model)
