@@ -17,8 +17,11 @@ Both expose one method the layers call, so layers never branch on the cache kind
 tokens are appended: this raises ``ValueError`` whenever it is statically known (T >
 max_len, or a concrete ``length``); under ``jit`` with a traced ``length`` the
 overflow cannot raise, so tokens past ``max_len`` are *dropped* (never written over
-older slots) and ``length`` keeps counting, so ``cache.overflowed`` tells afterwards.
-``models.transformer.generate`` checks its budget statically.
+older slots) and ``length`` keeps counting. The jitted code cannot raise, so the host
+must: ``overflow_state(caches)`` (jit-safe) carries the numbers out of the traced
+function and ``check_overflow(...)`` raises on them at the next host boundary.
+``models.transformer.generate`` and ``models.vlm.generate`` both do; any other decode
+loop a user writes should too.
 
 ``RingKVCache`` (sliding window of ``left = W``): capacity ``W`` slots. Appending T
 tokens (any T, also T > W) attends over ``concat(ring, new)`` (``S = W + T``), then
@@ -229,3 +232,52 @@ def cache_nbytes(cache) -> int:
       84
     """
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)))
+
+
+def _full_caches(caches) -> list:
+    return [c for c in jax.tree_util.tree_leaves(caches, is_leaf=lambda x: isinstance(x, KVCache))
+            if isinstance(c, KVCache)]
+
+
+def overflow_state(caches) -> Array:
+    """``int32 [2]``: (tokens appended, capacity) of the most overflowed full cache.
+
+    Jit-safe: return it from the traced function and hand it to ``check_overflow`` on
+    the host. ``(0, 0)`` when no full cache overflowed (ring caches never do).
+
+    Example:
+      >>> c = KVCache.create(batch=1, max_len=2, num_kv_heads=1, head_dim=1)
+      >>> overflow_state({"layer": c.replace(length=jnp.int32(5))}).tolist()
+      [5, 2]
+    """
+    worst = jnp.zeros((2,), jnp.int32)
+    for c in _full_caches(caches):
+        length = jnp.max(c.length)  # scanned layers stack one length per repeat
+        cand = jnp.stack([length, jnp.int32(c.capacity)]).astype(jnp.int32)
+        worse = (length - c.capacity) > (worst[0] - worst[1])
+        worst = jnp.where(worse, cand, worst)
+    return worst
+
+
+def check_overflow(caches_or_state, *, where: str = "KV cache") -> None:
+    """Host side: raise ``ValueError`` with the numbers if a full cache overflowed.
+
+    Takes a cache pytree (concrete arrays) or the output of ``overflow_state``. Must not
+    be called under ``jit`` (it reads values).
+
+    Example:
+      >>> c = KVCache.create(batch=1, max_len=2, num_kv_heads=1, head_dim=1)
+      >>> check_overflow(c)  # nothing appended: fine
+      >>> check_overflow(c.replace(length=jnp.int32(3)), where="decode")
+      Traceback (most recent call last):
+      ...
+      ValueError: decode: KV cache overflow: 3 tokens appended to a cache of max_len=2; the last 1 were dropped (not attended to); create the cache with max_len >= 3
+    """
+    state = caches_or_state
+    if not (hasattr(state, "shape") and tuple(state.shape) == (2,)):
+        state = overflow_state(caches_or_state)
+    appended, capacity = (int(x) for x in jax.device_get(state))
+    if appended > capacity:
+        raise ValueError(f"{where}: KV cache overflow: {appended} tokens appended to a cache of "
+                         f"max_len={capacity}; the last {appended - capacity} were dropped (not "
+                         f"attended to); create the cache with max_len >= {appended}")

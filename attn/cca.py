@@ -576,7 +576,8 @@ def cca_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
                     q_segment_ids=seg, kv_segment_ids=kv_seg, q_extra_range=extra_range_BT2)
         cache = CCACache(kv=kv, conv=jax.tree_util.tree_map(
             lambda new, old: new.astype(old.dtype), state, cache.conv))
-    o = attention(q, k, v, mask=mask, impl=cfg.impl)  # entirely in the latent (paper §III)
+    # Entirely in the latent (paper §III); with a cache, k/v are the cache's slots.
+    o = attention(q, k, v, mask=mask, impl=cfg.impl, self_attention=cache is None)
     y = jnp.einsum("BTNE,NED->BTD", o, params["o_kernel"].astype(cfg.dtype))
     return y, cache
 
@@ -603,6 +604,9 @@ def _register(name: str, description: str, **factory_kw) -> None:
         name=name, module=CCA, config_cls=Config, init_cache=init_cache, stats=stats,
         make_config=registry.dataclass_config_factory(Config, name, **factory_kw),
         description=description,
+        # C = 2 divides a small model's 4 heads and keeps 2 latent heads (the paper's C is
+        # up to 8, which 4 heads cannot take); pinned so small sweeps do not follow the default.
+        small_config=lambda width: {"compression": 2},
         order_free=False,  # the causal convolutions need neighbouring tokens in order
     ))
 

@@ -136,7 +136,9 @@ def _forward(q, k, v, sinks, bias, mask, scale, softcap, C, out_dtype):
     (m, l, o), _ = jax.lax.scan(step, init, xs)
     sinks_KG = None if sinks is None else sinks.reshape(K, G)
     o, lse = core._finalize(m, l, o, sinks_KG, q.dtype if out_dtype is None else out_dtype)
-    return core._to_public(o, lse)
+    # lse stays at accumulator precision here: it is the residual the backward pass
+    # recomputes p from, so a float32 lse would cap float64 gradients at ~1e-7.
+    return core._to_public(o, lse, lse_dtype=acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -248,8 +250,9 @@ def chunked_attention(q, k, v, *, mask: Mask | None = None, scale=None, softcap=
         raise NotImplementedError("xla_chunked does not take Mask.dense; use impl='xla'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     C = int(min(chunk_size, max(k.shape[1], 1)))
-    return _chunked(q, k, v, sinks, bias, mask, scale, softcap, C,
-                    None if out_dtype is None else jnp.dtype(out_dtype))
+    o, lse = _chunked(q, k, v, sinks, bias, mask, scale, softcap, C,
+                      None if out_dtype is None else jnp.dtype(out_dtype))
+    return o, lse.astype(jnp.float32)  # the op contract's lse dtype, outside the VJP
 
 
 def _impl(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, out_dtype=None):

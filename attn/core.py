@@ -115,12 +115,19 @@ class Impl:
 _IMPLS: dict[str, Impl] = {}
 
 # Tried in order by impl="auto"; unknown names (not registered on this install) are skipped.
+# The rule that changes this table: a kernel that has never run on hardware is never what
+# "auto" picks. A Pallas kernel (pallas_gpu / pallas_tpu) enters its platform's row, ahead
+# of what it beats, only in the change that commits (a) its hardware test run passing and
+# (b) a benchmark under benchmarks/results/ on that hardware saying it is faster. As of
+# 2026-12 benchmarks/results/ holds CPU runs only: no Pallas kernel has run on a GPU or TPU,
+# so the GPU row is cuDNN (where it can serve the call), then XLA; TPU is XLA only.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "gpu": ("pallas_gpu", "cudnn", "xla", "xla_chunked"),
-    "tpu": ("pallas_tpu", "xla", "xla_chunked"),
+    "gpu": ("cudnn", "xla", "xla_chunked"),
+    "tpu": ("xla", "xla_chunked"),
     "cpu": ("xla", "xla_chunked"),
 }
 _AUTO_LOGGED: set[tuple[str, str]] = set()
+_UNKNOWN_PLATFORM_LOGGED: set[str] = set()
 
 
 def register_impl(
@@ -161,6 +168,10 @@ def select_impl(call: AttentionCall, impl: str = "auto") -> Impl:
             raise NotImplementedError(f"attention impl {impl!r} cannot serve this call: {reason}")
         return chosen
     reasons = []
+    if call.platform not in AUTO_PREFERENCE and call.platform not in _UNKNOWN_PLATFORM_LOGGED:
+        _UNKNOWN_PLATFORM_LOGGED.add(call.platform)
+        log.warning("attention impl='auto': platform %r has no row in AUTO_PREFERENCE %s; "
+                    "treating it as 'cpu'", call.platform, sorted(AUTO_PREFERENCE))
     for name in AUTO_PREFERENCE.get(call.platform, AUTO_PREFERENCE["cpu"]):
         if name not in _IMPLS:
             continue
@@ -191,9 +202,9 @@ _ROUTER: contextvars.ContextVar[Router | None] = contextvars.ContextVar("attn_ro
 def route_attention(router: Router | None):
     """Offer every ``attention()`` call in this block to ``router`` first.
 
-    ``router(call, q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, impl)``
-    returns ``(o, lse)`` to take the call or None to decline it (the call then runs as
-    usual). ``route_attention(None)`` switches routing off inside the block. Routing is
+    ``router(call, q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, impl,
+    self_attention)`` returns ``(o, lse)`` to take the call or None to decline it (the
+    call then runs as usual). ``route_attention(None)`` switches routing off inside the block. Routing is
     read at trace time: wrap the traced function body, not the ``jax.jit`` call site.
 
     Example:
@@ -280,6 +291,7 @@ def attention(
     bias: Array | None = None,
     return_lse: bool = False,
     impl: str = "auto",
+    self_attention: bool | None = None,
 ):
     """Scaled dot-product attention in the ``[B, T, N, H]`` layout.
 
@@ -294,6 +306,11 @@ def attention(
       bias: additive logits, broadcastable to ``[B, N, T, S]``.
       return_lse: also return the float32 log-sum-exp ``[B, N, T]``.
       impl: a registered implementation (``registered_impls()``) or ``"auto"``.
+      self_attention: True when k and v are computed from the very tokens of q, in
+        the same order (no cache, no other sequence): then ``S == T`` is required and a
+        router (context parallelism) may split the sequence of q, k and v alike. False:
+        cross-attention or attention over a cache. None: not declared; routers leave
+        the call alone. Shapes cannot tell: cross-attention can have ``T == S``.
 
     Returns:
       ``o [B, T, N, E]`` in the input dtype, or ``(o, lse)`` with ``return_lse``.
@@ -308,12 +325,16 @@ def attention(
     """
     mask = Mask() if mask is None else mask
     _check_inputs(q, k, v, mask, sinks, bias)
+    if self_attention and k.shape[1] != q.shape[1]:
+        raise ValueError(f"attention: self_attention=True needs S == T, got T={q.shape[1]}, "
+                         f"S={k.shape[1]} (attention over a cache passes self_attention=False)")
     call = make_call(q, k, v, mask=mask, scale=scale, softcap=softcap, sinks=sinks,
                      bias=bias, return_lse=return_lse)
     router = _ROUTER.get()
     if router is not None:
         routed = router(call, q, k, v, mask=mask, scale=call.scale, softcap=softcap, sinks=sinks,
-                        bias=bias, return_lse=return_lse, impl=impl)
+                        bias=bias, return_lse=return_lse, impl=impl,
+                        self_attention=self_attention)
         if routed is not None:
             return routed if return_lse else routed[0]
     chosen = select_impl(call, impl)
@@ -370,11 +391,11 @@ def _finalize(m, l, acc, sinks_KG, out_dtype):
     return o.astype(out_dtype), lse
 
 
-def _to_public(o_BKGTE, lse_BKGT):
-    """Grouped results back to ``o [B,T,N,E]`` and ``lse [B,N,T]`` float32."""
+def _to_public(o_BKGTE, lse_BKGT, lse_dtype=jnp.float32):
+    """Grouped results back to ``o [B,T,N,E]`` and ``lse [B,N,T]`` (float32 by default)."""
     B, K, G, T, E = o_BKGTE.shape
     o = jnp.transpose(o_BKGTE, (0, 3, 1, 2, 4)).reshape(B, T, K * G, E)
-    lse = lse_BKGT.reshape(B, K * G, T).astype(jnp.float32)
+    lse = lse_BKGT.reshape(B, K * G, T).astype(lse_dtype)
     return o, lse
 
 

@@ -107,10 +107,6 @@ class Mask:
         return self.q_segment_ids is not None
 
     @property
-    def has_extra_range(self) -> bool:
-        return self.q_extra_range is not None
-
-    @property
     def window_left(self) -> int | None:
         return None if self.window is None else self.window[0]
 
@@ -238,8 +234,3 @@ class Mask:
         if m is None:
             return jnp.ones((batch, 1, q_len, kv_len), bool)
         return jnp.broadcast_to(m, (batch,) + m.shape[1:])
-
-
-def causal_mask(**kw) -> Mask:
-    """Shorthand for ``Mask(causal=True, **kw)``."""
-    return Mask(causal=True, **kw)

@@ -405,7 +405,8 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
                     q_segment_ids=seg.astype(jnp.int32), kv_segment_ids=kv_seg,
                     q_extra_range=extra_range_BT2)
     sinks = params["sinks"].astype(jnp.float32) if cfg.sinks else None
-    o = attention(q, k, v, mask=mask, softcap=cfg.softcap, sinks=sinks, impl=cfg.impl)
+    o = attention(q, k, v, mask=mask, softcap=cfg.softcap, sinks=sinks, impl=cfg.impl,
+                  self_attention=cache is None)  # with a cache, k/v are the cache's slots
     y = jnp.einsum("BTNE,NED->BTD", o, params["o_kernel"].astype(cfg.dtype))
     if cfg.use_bias:
         y = y + params["o_bias"].astype(cfg.dtype)
@@ -422,14 +423,17 @@ def _gqa_kv_heads(kw: dict) -> dict:
     return {"num_kv_heads": max(k for k in range(1, target + 1) if N % k == 0)}
 
 
-def _register(name: str, description: str, **factory_kw) -> None:
+def _register(name: str, description: str, small_config=None, **factory_kw) -> None:
     registry.register(registry.Mechanism(
         name=name, module=MHA, config_cls=Config, init_cache=init_cache, stats=stats,
         make_config=registry.dataclass_config_factory(Config, name, **factory_kw),
-        description=description,
+        description=description, small_config=small_config,
     ))
 
 
 _register("mha", "multi-head attention: K = N", fixed={"num_kv_heads": lambda kw: kw.get("num_heads")})
-_register("gqa", "grouped-query attention: K = N // 4 by default", defaults=_gqa_kv_heads)
+# Small models have 4 heads, where the default K = N // 4 = 1 would equal mqa; 2 keeps
+# gqa distinct.
+_register("gqa", "grouped-query attention: K = N // 4 by default", defaults=_gqa_kv_heads,
+          small_config=lambda width: {"num_kv_heads": 2})
 _register("mqa", "multi-query attention: one shared K/V head", fixed={"num_kv_heads": 1})

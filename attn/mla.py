@@ -404,10 +404,11 @@ def project_latent(params, x_BTD, positions_BT, config: Config):
 
 
 def attend_expanded(params, q_nope_BTNH, q_rope_BTNH, c_kv_BSL, k_rope_BSH, *, mask: Mask,
-                    config: Config):
+                    config: Config, self_attention: bool | None = None):
     """Training / prefill path: per-head keys and values from the latent; returns ``o [B,T,N,E]``.
 
-    Calls ``attention`` with ``q [B,T,N,Hn+Hr]``, ``k [B,S,N,Hn+Hr]``, ``v [B,S,N,E]``.
+    Calls ``attention`` with ``q [B,T,N,Hn+Hr]``, ``k [B,S,N,Hn+Hr]``, ``v [B,S,N,E]``;
+    ``self_attention`` is handed on (True when the keys are this call's own tokens).
     """
     dt = q_nope_BTNH.dtype
     B, S, _ = c_kv_BSL.shape
@@ -418,7 +419,7 @@ def attend_expanded(params, q_nope_BTNH, q_rope_BTNH, c_kv_BSL, k_rope_BSH, *, m
     q = jnp.concatenate([q_nope_BTNH, q_rope_BTNH], axis=-1)
     k = jnp.concatenate([k_nope, k_rope], axis=-1)
     return attention(q, k, v, mask=mask, scale=config.softmax_scale, softcap=config.softcap,
-                     impl=config.impl)
+                     impl=config.impl, self_attention=self_attention)
 
 
 def absorbed_query(params, q_nope_BTNH, q_rope_BTNH):
@@ -428,7 +429,7 @@ def absorbed_query(params, q_nope_BTNH, q_rope_BTNH):
 
 
 def attend_absorbed(params, q_nope_BTNH, q_rope_BTNH, c_kv_BSL, k_rope_BSH, *, mask: Mask,
-                    config: Config):
+                    config: Config, self_attention: bool | None = None):
     """Decode path: attention over the latent as one shared KV head; returns ``o [B,T,N,E]``.
 
     ``attention(q [B,T,N,L+Hr], k [B,S,1,L+Hr], v [B,S,1,L], scale=1/sqrt(Hn+Hr))`` gives
@@ -438,7 +439,7 @@ def attend_absorbed(params, q_nope_BTNH, q_rope_BTNH, c_kv_BSL, k_rope_BSH, *, m
     q = absorbed_query(params, q_nope_BTNH, q_rope_BTNH)
     k = jnp.concatenate([c_kv_BSL, k_rope_BSH], axis=-1)[:, :, None]
     o_lat = attention(q, k, c_kv_BSL[:, :, None], mask=mask, scale=config.softmax_scale,
-                      softcap=config.softcap, impl=config.impl)
+                      softcap=config.softcap, impl=config.impl, self_attention=self_attention)
     return jnp.einsum("BTNL,LNE->BTNE", o_lat, params["v_up_kernel"].astype(dt))
 
 
@@ -521,14 +522,30 @@ def mla_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
                     q_extra_range=extra_range_BT2)
     absorbed = use_absorbed(cfg.absorb if absorb is None else absorb, cache is not None)
     attend = attend_absorbed if absorbed else attend_expanded
-    o = attend(params, q_nope, q_rope, c_kv, k_rope, mask=mask, config=cfg)
+    o = attend(params, q_nope, q_rope, c_kv, k_rope, mask=mask, config=cfg,
+               self_attention=cache is None)  # with a cache, keys are the cache's slots
     y = jnp.einsum("BTNE,NED->BTD", o, params["o_kernel"].astype(cfg.dtype))
     return y, cache
 
 
 # --------------------------------------------------------------------------- registration
+def small_config(width: int) -> dict:
+    """Overrides for a small model (``d_model = width``, 4 heads).
+
+    DeepSeek-V2's defaults (L 512, qk 128 + 64, v 128) are sized for d_model 5120; here
+    they scale with the width: L = D/2, qk D/4 + 8, v D/4 (D = 64 caches 40 numbers per
+    token, against gqa's 128 at K = 2, H = 32).
+
+    Example:
+      >>> small_config(64)
+      {'kv_lora_rank': 32, 'qk_nope_head_dim': 16, 'qk_rope_head_dim': 8, 'v_head_dim': 16}
+    """
+    return {"kv_lora_rank": width // 2, "qk_nope_head_dim": max(8, width // 4),
+            "qk_rope_head_dim": 8, "v_head_dim": max(8, width // 4)}
+
+
 registry.register(registry.Mechanism(
     name="mla", module=MLA, config_cls=Config, init_cache=init_cache, stats=stats,
-    make_config=registry.dataclass_config_factory(Config, "mla"),
+    make_config=registry.dataclass_config_factory(Config, "mla"), small_config=small_config,
     description="multi-head latent attention (DeepSeek-V2): cache = latent L + shared RoPE key",
 ))

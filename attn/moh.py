@@ -378,7 +378,9 @@ def gathered_attention(q_BTNH, k_BSKH, v_BSKE, heads_BTN, *, q_positions_BT, kv_
                 q_positions=fold_q(q_positions_BT), kv_positions=fold_kv(kv_positions_BS),
                 q_segment_ids=fold_q(q_segment_ids_BT), kv_segment_ids=fold_kv(kv_segment_ids_BS),
                 q_extra_range=None if q_extra_range_BT2 is None else q_extra_range_BT2.reshape(B * T, 1, 2))
-    o = attention(q, gather(k_BSKH), gather(v_BSKE), mask=mask, softcap=softcap, impl=impl)
+    # Folded to one query per row: never the sequence-split self-attention a router shards.
+    o = attention(q, gather(k_BSKH), gather(v_BSKE), mask=mask, softcap=softcap, impl=impl,
+                  self_attention=False)
     return o.reshape(B, T, A, -1)
 
 
@@ -457,7 +459,8 @@ def moh_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
         mask = Mask(causal=cfg.causal, window=cfg.mask_window, q_positions=positions_BT,
                     kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                     q_extra_range=extra_range_BT2)
-        o = attention(q, k, v, mask=mask, softcap=cfg.softcap, impl=cfg.impl)
+        o = attention(q, k, v, mask=mask, softcap=cfg.softcap, impl=cfg.impl,
+                      self_attention=cache is None)
         o = o * routing.gates_BTN[..., None].astype(o.dtype)  # §3.2: weighted sum over heads
     y = jnp.einsum("BTNE,NED->BTD", o, params["o_kernel"].astype(cfg.dtype))
     if cfg.use_bias:
@@ -469,5 +472,8 @@ def moh_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
 registry.register(registry.Mechanism(
     name="moh", module=MoH, config_cls=Config, init_cache=init_cache, stats=stats,
     make_config=registry.dataclass_config_factory(Config, "moh"),
+    # The paper's gates shrink every head's output ~3x at init and a small MoH then stalls
+    # on MQAR; the released code's rescaling (each active head starts at weight 1) learns.
+    small_config=lambda width: {"gate_scaling": "official"},
     description="mixture-of-head attention: h_s shared + top-k routed heads per token",
 ))

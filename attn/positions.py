@@ -8,7 +8,10 @@ no special cases: ``q·k`` after rotation depends only on ``pos_q - pos_k``.
   rotated block of ``R`` dims.
 * Partial RoPE (``fraction < 1``) rotates the first ``R = round(fraction·H/2)·2`` dims
   and passes the rest through unchanged.
-* YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension") interpolates
+* Scalings (``RopeConfig.scaling``): ``YarnScaling`` (the default "yarn": Hugging Face's
+  and the YaRN reference code's ramp over the dimension index), ``Llama3Scaling``,
+  ``LinearScaling``, ``DynamicNTKScaling`` and ``YarnWavelengthScaling``, described next.
+* ``YarnWavelengthScaling`` (Peng et al. 2023, "YaRN", the equations as written) interpolates
   each frequency by its wavelength ratio ``r = L_orig / λ``: ramp
   ``γ = clip((r - β_slow) / (β_fast - β_slow), 0, 1)``, ``θ' = (1-γ)·θ/s + γ·θ``
   (high frequencies kept, low frequencies divided by the factor ``s``), and the
@@ -44,15 +47,23 @@ Array = Any
 
 @dataclasses.dataclass(frozen=True)
 class YarnScaling:
-    """YaRN context extension settings (see module docstring for the math).
+    """YaRN as Hugging Face and the YaRN reference code compute it (the default "yarn").
+
+    The ramp runs over the *dimension index*: ``d(β) = R·ln(L_orig / (2π β)) / (2 ln θ)``
+    is the pair index whose frequency turns β times within ``L_orig``;
+    ``low = floor(d(β_fast))``, ``high = ceil(d(β_slow))`` (unrounded with
+    ``truncate=False``), clipped to ``[0, R-1]``; ``γ_i = 1 - clip((i - low)/(high - low), 0, 1)``
+    and ``θ'_i = γ_i·θ_i + (1-γ_i)·θ_i/s``. The attention factor multiplies cos and sin
+    (so q·k scales by its square).
 
     Attributes:
-      factor: context extension factor ``s >= 1`` (new length / original length).
-      original_max_position: the training context length ``L_orig``.
-      beta_fast: wavelength ratio above which a frequency is kept (paper: 32).
-      beta_slow: wavelength ratio below which a frequency is fully interpolated (paper: 1).
-      mscale: attention temperature multiplier ``√(1/t)``; None means the paper's
-        ``0.1·ln(factor) + 1``.
+      factor: s >= 1.
+      original_max_position: ``L_orig``.
+      beta_fast, beta_slow: rotation counts bounding the ramp (32, 1).
+      mscale: the attention factor itself (HF ``attention_factor``); None = derived.
+      mscale_num, mscale_den: HF's ``mscale`` / ``mscale_all_dim`` (DeepSeek): when both set,
+        the factor is ``m(s, mscale_num) / m(s, mscale_den)`` with ``m(s, a) = 0.1·a·ln s + 1``.
+      truncate: round the ramp ends to integers (HF default True).
 
     Example:
       >>> round(YarnScaling(factor=4.0, original_max_position=4096).attention_factor, 4)
@@ -64,13 +75,188 @@ class YarnScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float | None = None
+    mscale_num: float | None = None
+    mscale_den: float | None = None
+    truncate: bool = True
+
+    # Unrotated dims (partial RoPE) get the factor too, as attnlab's MLA/TransMLA expect;
+    # HF leaves them alone, but none of the imported families has partial RoPE with YaRN.
+    scales_passthrough = True
+
+    def __post_init__(self):
+        _check_factor(self, self.factor, self.original_max_position)
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ValueError(f"YarnScaling needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast!r}, "
+                             f"beta_slow={self.beta_slow!r}")
+
+    @property
+    def attention_factor(self) -> float:
+        if self.mscale is not None:
+            return float(self.mscale)
+        m = lambda a: 1.0 if self.factor <= 1 else 0.1 * a * math.log(self.factor) + 1.0
+        if self.mscale_num and self.mscale_den:
+            return m(self.mscale_num) / m(self.mscale_den)
+        return m(1.0)
+
+    def inv_freq(self, inv_freq, *, theta: float, rotary_dims: int, positions_BT=None):
+        R = rotary_dims
+        dim = lambda rot: R * math.log(self.original_max_position / (rot * 2 * math.pi)) / (2 * math.log(theta))
+        low, high = dim(self.beta_fast), dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, R - 1)
+        if low == high:
+            high += 0.001  # HF's guard against a zero-width ramp
+        ramp = np.clip((np.arange(R // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+        keep = 1.0 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate by s
+        return inv_freq / self.factor * (1.0 - keep) + inv_freq * keep
+
+    def to_hf(self) -> dict:
+        d = dict(rope_type="yarn", factor=self.factor, original_max_position_embeddings=self.original_max_position,
+                 beta_fast=self.beta_fast, beta_slow=self.beta_slow, truncate=self.truncate)
+        if self.mscale is not None:
+            d["attention_factor"] = self.mscale
+        if self.mscale_num and self.mscale_den:
+            d.update(mscale=self.mscale_num, mscale_all_dim=self.mscale_den)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama-3.1 ``rope_type="llama3"``: wavelengths above ``L_orig / low_freq_factor`` are
+    divided by ``factor``, below ``L_orig / high_freq_factor`` kept, smoothly in between
+    (``γ = (L_orig/λ - low) / (high - low)``); no attention factor.
+
+    Example:
+      >>> Llama3Scaling(8.0, 8192).attention_factor
+      1.0
+    """
+
+    factor: float
+    original_max_position: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    scales_passthrough = False
+    attention_factor = 1.0
+
+    def __post_init__(self):
+        _check_factor(self, self.factor, self.original_max_position)
+        if not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(f"Llama3Scaling needs high_freq_factor > low_freq_factor > 0, got "
+                             f"{self.high_freq_factor!r}, {self.low_freq_factor!r}")
+
+    def inv_freq(self, inv_freq, *, theta: float, rotary_dims: int, positions_BT=None):
+        wavelen = 2 * np.pi / inv_freq
+        L = self.original_max_position
+        out = np.where(wavelen > L / self.low_freq_factor, inv_freq / self.factor, inv_freq)
+        smooth = (L / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * out / self.factor + smooth * out
+        medium = (wavelen >= L / self.high_freq_factor) & (wavelen <= L / self.low_freq_factor)
+        return np.where(medium, smoothed, out)
+
+    def to_hf(self) -> dict:
+        return dict(rope_type="llama3", factor=self.factor, original_max_position_embeddings=self.original_max_position,
+                    low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearScaling:
+    """Position interpolation (``rope_type="linear"``): every frequency divided by ``factor``.
+
+    Example:
+      >>> LinearScaling(2.0).inv_freq(np.array([1.0]), theta=1e4, rotary_dims=2).tolist()
+      [0.5]
+    """
+
+    factor: float
+    scales_passthrough = False
+    attention_factor = 1.0
+
+    def __post_init__(self):
+        _check_factor(self, self.factor, 1)
+
+    def inv_freq(self, inv_freq, *, theta: float, rotary_dims: int, positions_BT=None):
+        return inv_freq / self.factor
+
+    def to_hf(self) -> dict:
+        return dict(rope_type="linear", factor=self.factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicNTKScaling:
+    """Dynamic NTK (``rope_type="dynamic"``): the base grows with the sequence length
+    ``L = max(max(position) + 1, L_orig)`` of the call: ``θ' = θ·(s·L/L_orig - (s-1))^(R/(R-2))``.
+
+    As in HF, ``L`` is the largest position of this call (over the whole batch); keys
+    already in a cache keep the angles they were rotated with.
+
+    Example:
+      >>> DynamicNTKScaling(2.0, 16).inv_freq(np.array([1.0, 0.1]), theta=100.0, rotary_dims=4).tolist()
+      [1.0, 0.1]
+    """
+
+    factor: float
+    original_max_position: int
+    scales_passthrough = False
+    attention_factor = 1.0
+
+    def __post_init__(self):
+        _check_factor(self, self.factor, self.original_max_position)
+
+    def inv_freq(self, inv_freq, *, theta: float, rotary_dims: int, positions_BT=None):
+        if positions_BT is None:
+            return inv_freq  # within L_orig the frequencies are the plain ones
+        R, L0 = rotary_dims, self.original_max_position
+        L = jnp.maximum(jnp.max(positions_BT).astype(jnp.float32) + 1.0, float(L0))
+        base = theta * (self.factor * L / L0 - (self.factor - 1.0)) ** (R / (R - 2))
+        return 1.0 / base ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R)
+
+    def to_hf(self) -> dict:
+        return dict(rope_type="dynamic", factor=self.factor)
+
+
+def _check_factor(obj, factor, original_max_position):
+    name = type(obj).__name__
+    if not factor >= 1.0:
+        raise ValueError(f"{name}.factor must be >= 1, got {factor!r}")
+    if not (isinstance(original_max_position, int) and original_max_position > 0):
+        raise ValueError(f"{name}.original_max_position must be a positive int, got {original_max_position!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnWavelengthScaling:
+    """YaRN with the ramp over the wavelength ratio ``r`` (the paper's equations as written).
+
+    attnlab's YaRN before checkpoints were imported; kept for models trained with it.
+    Hugging Face and the YaRN reference code ramp over the dimension index instead:
+    that is ``YarnScaling``.
+
+    Attributes:
+      factor: context extension factor ``s >= 1`` (new length / original length).
+      original_max_position: the training context length ``L_orig``.
+      beta_fast: wavelength ratio above which a frequency is kept (paper: 32).
+      beta_slow: wavelength ratio below which a frequency is fully interpolated (paper: 1).
+      mscale: attention temperature multiplier ``√(1/t)``; None means the paper's
+        ``0.1·ln(factor) + 1``.
+
+    Example:
+      >>> round(YarnWavelengthScaling(factor=4.0, original_max_position=4096).attention_factor, 4)
+      1.1386
+    """
+
+    factor: float
+    original_max_position: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
 
     def __post_init__(self):
         if not self.factor >= 1.0:
-            raise ValueError(f"YarnScaling.factor must be >= 1, got {self.factor!r}")
+            raise ValueError(f"YarnWavelengthScaling.factor must be >= 1, got {self.factor!r}")
         if not (isinstance(self.original_max_position, int) and self.original_max_position > 0):
             raise ValueError(
-                "YarnScaling.original_max_position must be a positive int, got "
+                "YarnWavelengthScaling.original_max_position must be a positive int, got "
                 f"{self.original_max_position!r}"
             )
         if not self.beta_fast > self.beta_slow > 0:
@@ -85,6 +271,38 @@ class YarnScaling:
         if self.mscale is not None:
             return float(self.mscale)
         return 0.1 * math.log(self.factor) + 1.0
+
+    scales_passthrough = True  # partial RoPE: the unrotated dims get the factor too
+
+    def inv_freq(self, inv_freq, *, theta: float, rotary_dims: int, positions_BT=None):
+        wavelength = 2.0 * np.pi / inv_freq
+        ratio = self.original_max_position / wavelength  # r(d): rotations within L_orig
+        gamma = np.clip((ratio - self.beta_slow) / (self.beta_fast - self.beta_slow), 0.0, 1.0)
+        return (1.0 - gamma) * inv_freq / self.factor + gamma * inv_freq
+
+    def to_hf(self) -> dict:
+        raise ValueError("YarnWavelengthScaling has no Hugging Face rope_type (HF's yarn is YarnScaling)")
+
+
+# "type" of a scaling given as a dict -> class. "yarn" is HF's (dimension-index ramp).
+SCALINGS = {"yarn": YarnScaling, "yarn_wavelength": YarnWavelengthScaling, "llama3": Llama3Scaling,
+            "linear": LinearScaling, "dynamic": DynamicNTKScaling}
+
+
+def scaling_from_any(value):
+    """A scaling object from itself, None, or a dict (``{"type": "yarn"|..., **fields}``; no
+    "type" means "yarn")."""
+    if value is None or isinstance(value, tuple(SCALINGS.values())):
+        return value
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        d = dict(value)
+        kind = d.pop("type", "yarn")
+        if kind not in SCALINGS:
+            raise ValueError(f"RoPE scaling: unknown type {kind!r}; known: {sorted(SCALINGS)}")
+        return SCALINGS[kind](**d)
+    raise ValueError(f"RoPE scaling must be one of {sorted(SCALINGS)} (object or dict) or None, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +326,11 @@ class RopeConfig:
     scaling: YarnScaling | None = None
 
     def __post_init__(self):
-        if isinstance(self.scaling, Mapping):
-            object.__setattr__(self, "scaling", YarnScaling(**dict(self.scaling)))
+        object.__setattr__(self, "scaling", scaling_from_any(self.scaling))
         if not self.theta > 0:
             raise ValueError(f"RopeConfig.theta must be > 0, got {self.theta!r}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"RopeConfig.fraction must be in (0, 1], got {self.fraction!r}")
-        if self.scaling is not None and not isinstance(self.scaling, YarnScaling):
-            raise ValueError(
-                f"RopeConfig.scaling must be a YarnScaling, a dict or None, got {self.scaling!r}"
-            )
 
     @classmethod
     def from_any(cls, value) -> "RopeConfig | None":
@@ -183,12 +396,7 @@ def rope_frequencies(
     R = rotary_dims(head_dim, fraction)
     inv_freq = 1.0 / (theta ** (np.arange(0, R, 2, dtype=np.float64) / R))
     if scaling is not None:
-        wavelength = 2.0 * np.pi / inv_freq
-        ratio = scaling.original_max_position / wavelength  # r(d): rotations within L_orig
-        gamma = np.clip(
-            (ratio - scaling.beta_slow) / (scaling.beta_fast - scaling.beta_slow), 0.0, 1.0
-        )
-        inv_freq = (1.0 - gamma) * inv_freq / scaling.factor + gamma * inv_freq
+        inv_freq = scaling.inv_freq(inv_freq, theta=theta, rotary_dims=R)
     return inv_freq.astype(np.float32)
 
 
@@ -227,6 +435,8 @@ def apply_rope(
         )
     inv_freq = jnp.asarray(rope_frequencies(H, theta=theta, fraction=fraction, scaling=scaling))
     R = 2 * inv_freq.shape[0]
+    if getattr(scaling, "dynamic", False) or isinstance(scaling, DynamicNTKScaling):
+        inv_freq = scaling.inv_freq(inv_freq, theta=theta, rotary_dims=R, positions_BT=positions_BT)
     mscale = 1.0 if scaling is None else scaling.attention_factor
     angle_BTR = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     cos = (jnp.cos(angle_BTR) * mscale)[:, :, None, :]
@@ -235,8 +445,31 @@ def apply_rope(
     x1, x2, rest = x[..., : R // 2], x[..., R // 2 : R], x[..., R:]
     out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
     if H > R:
-        out.append(rest * mscale if mscale != 1.0 else rest)
+        passthrough = scaling is not None and scaling.scales_passthrough and mscale != 1.0
+        out.append(rest * mscale if passthrough else rest)
     return jnp.concatenate(out, axis=-1).astype(x_BTNH.dtype)
+
+
+def interleaved_to_half(w, num_heads: int, head_dim: int):
+    """Permute rows ``[num_heads·head_dim, ...]`` from interleaved RoPE pairing to rotate-half.
+
+    Interleaved RoPE (GPT-J, ggml/llama.cpp "llama" files, DeepSeek-V2/V3) rotates pairs
+    ``(2i, 2i+1)`` of a head; rotate-half pairs ``(i, i + H/2)``. Moving row ``2i`` to ``i``
+    and ``2i+1`` to ``i + H/2`` in each head of the q and k projections (weights or biases)
+    makes ``apply_rope`` give the interleaved model's scores, since q·k is unchanged when
+    q and k are permuted alike. This undoes llama.cpp's ``permute`` of Q/K.
+
+    Example:
+      >>> import numpy as np
+      >>> interleaved_to_half(np.arange(4), 1, 4).tolist()
+      [0, 2, 1, 3]
+    """
+    w = np.asarray(w)
+    if w.shape[0] != num_heads * head_dim or head_dim % 2:
+        raise ValueError(f"interleaved_to_half: {w.shape[0]} rows are not num_heads={num_heads} x "
+                         f"even head_dim={head_dim}")
+    rest = w.shape[1:]
+    return w.reshape(num_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:

@@ -1,10 +1,12 @@
 """Attention mechanisms by name, so models and configs pick attention with a string.
 
-A mechanism file defines its layer, ``Config``, ``init_cache`` and ``stats`` and calls
-``register(Mechanism(...))`` at import time. Adding a mechanism means writing that one
-file and naming its module in ``BUILTIN_MODULES`` (imported lazily on the first lookup,
-so ``import attn.registry; attn.registry.get("mha")`` works); a project outside attnlab
-just imports its own module, which registers itself. There is no if/elif dispatch.
+A mechanism file defines its layer, ``Config``, ``init_cache``, ``stats`` and optionally
+``small_config`` and calls ``register(Mechanism(...))`` at import time. Adding a mechanism
+means writing that one file (and its test) anywhere under the ``attn`` package, including
+subpackages such as ``attn/linear/``: on the first lookup every module of the package is
+imported (a ``pkgutil`` scan), so ``import attn.registry; attn.registry.get("mha")``
+works and no central list names the modules. A project outside attnlab just imports its
+own module, which registers itself. There is no if/elif dispatch.
 
 ``make_config(common, overrides)`` builds the mechanism's ``Config`` from the model's
 shared fields (``d_model``, ``num_heads``, ``head_dim``, ``dtype``, ``param_dtype``,
@@ -24,10 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Mapping
-
-# Modules that register built-in mechanisms; imported on the first lookup.
-BUILTIN_MODULES: tuple[str, ...] = ("attn.mha", "attn.mla", "attn.cca", "attn.moh")
+import pkgutil
+from typing import Any, Callable, Iterable, Mapping
 
 _REGISTRY: dict[str, "Mechanism"] = {}
 _builtins_loaded = False
@@ -50,6 +50,9 @@ class Mechanism:
       order_free: the layer mixes tokens only through ``attention`` masked by positions
         and segments, so tokens may be stored in any order (context parallelism's zigzag
         reorders them). False for layers with convolutions or shifts along T.
+      small_config: ``(width) -> overrides`` that make the mechanism sensible in a small
+        model (``d_model = width`` of 32-256, 4 heads: configs/mqar.py, benchmarks/zoo.py)
+        where its defaults are sized for a large one; ``None`` when the defaults fit.
 
     Example:
       >>> from attn import registry
@@ -65,6 +68,7 @@ class Mechanism:
     make_config: Callable[[Mapping[str, Any], Mapping[str, Any]], Any]
     description: str = ""
     order_free: bool = True
+    small_config: Callable[[int], dict] | None = None
 
 
 def register(mechanism: Mechanism) -> Mechanism:
@@ -76,12 +80,17 @@ def register(mechanism: Mechanism) -> Mechanism:
 
 
 def _load_builtins() -> None:
-    """Import the built-in mechanism modules once (they register themselves)."""
+    """Import every module of the ``attn`` package once; mechanism modules register themselves.
+
+    An import error propagates: every module must import on a CPU-only install (the
+    doctest run imports them all too), and a silently missing mechanism is worse.
+    """
     global _builtins_loaded
     if not _builtins_loaded:
-        _builtins_loaded = True
-        for mod in BUILTIN_MODULES:
-            importlib.import_module(mod)
+        _builtins_loaded = True  # set first: a module that looks names up while loading
+        package = importlib.import_module(__name__.rpartition(".")[0])
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            importlib.import_module(info.name)
 
 
 def names() -> tuple[str, ...]:
@@ -113,6 +122,25 @@ def get(name: str) -> Mechanism:
 def make_config(name: str, common: Mapping[str, Any], overrides: Mapping[str, Any] | None = None):
     """Shorthand for ``get(name).make_config(common, overrides or {})``."""
     return get(name).make_config(dict(common), dict(overrides or {}))
+
+
+def small_overrides(names_: Iterable[str], width: int) -> dict[str, dict]:
+    """``{name: get(name).small_config(width)}`` for the named mechanisms that define one.
+
+    The ``attn_overrides`` of a small LM (``d_model = width``, 4 heads) whose pattern uses
+    ``names_``; mechanisms without the hook, and repeats, are left out.
+
+    Example:
+      >>> from attn import registry
+      >>> registry.small_overrides(["gqa", "mha", "gqa"], 64)
+      {'gqa': {'num_kv_heads': 2}}
+    """
+    out = {}
+    for name in dict.fromkeys(names_):
+        hook = get(name).small_config
+        if hook is not None:
+            out[name] = dict(hook(width))
+    return out
 
 
 # --------------------------------------------------------------------------- helpers

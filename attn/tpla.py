@@ -249,7 +249,8 @@ def _decode_local(p, x_BTD, pos_BT, seg_BT, cache, *, config: mla.Config, axis: 
     # 4. attention over the local slice.
     if combine == "tpla":
         o_i = attention(q_i, k_i[:, :, None], c_i[:, :, None], mask=mask,
-                        scale=cfg.softmax_scale * mult, softcap=cfg.softcap, impl=cfg.impl)
+                        scale=cfg.softmax_scale * mult, softcap=cfg.softcap, impl=cfg.impl,
+                        self_attention=False)  # decode over a cache, already inside shard_map
     else:
         o_i = _exact_partial(q_i, k_i, c_i, mask, cfg, axis)
     # 5. latent-split -> heads-split with the full latent; W_uv, W_o; all-reduce.

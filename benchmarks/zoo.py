@@ -18,10 +18,11 @@ imported as a package) for a fixed number of steps through
 Outputs: ``<stem>.md`` / ``<stem>.json`` (via ``benchmarks.report``) and two PNGs:
 ``<stem>-acc-vs-width.png`` and ``<stem>-acc-vs-kv.png``.
 
-Per-mechanism overrides at each width live in ``SWEEP_OVERRIDES`` (one table): MLA's
-latent and head dims must scale with the width (its defaults are DeepSeek-V2's 512-rank
-latent), MoH uses the released code's gate scaling, CCA needs a compression that divides
-the head count.
+Per-mechanism overrides at each width come from each mechanism's own
+``small_config(width)`` hook (``registry.small_overrides``), the same ones configs/mqar.py
+uses: MLA's latent and head dims scale with the width (its defaults are DeepSeek-V2's
+512-rank latent), MoH uses the released code's gate scaling, CCA a compression that
+divides the head count. A new mechanism brings its own; nothing here names mechanisms.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Callable
 
 from benchmarks import report
 
@@ -47,17 +47,6 @@ def head_dim(width: int) -> int:
     """H per width: 32 at width 64 (what configs/mqar.py found recall needs), D/4 above."""
     return max(32, width // NUM_HEADS)
 
-
-# mechanism -> (width) -> overrides for that mechanism's config. Mechanisms absent here
-# take the model-wide fields unchanged.
-SWEEP_OVERRIDES: dict[str, Callable[[int], dict]] = {
-    "gqa": lambda w: {"num_kv_heads": 2},  # 4 query heads: the default N//4 would equal mqa
-    "mla": lambda w: {"kv_lora_rank": w // 2, "qk_nope_head_dim": head_dim(w) - 8,
-                      "qk_rope_head_dim": 8, "v_head_dim": head_dim(w)},
-    "moh": lambda w: {"gate_scaling": "official"},
-    "cca": lambda w: {"compression": 2},
-    "ccgqa": lambda w: {"compression": 2},
-}
 
 # Sweep presets. "quick" is a plumbing check (< 5 min on 2 CPU cores: compilation
 # dominates, and 40 steps are far too few for the recall circuit to form, so accuracies
@@ -74,6 +63,8 @@ SWEEP_OVERRIDES: dict[str, Callable[[int], dict]] = {
 # default sweep, so it is left to "full". "full" is the Zoology-like range (64/4 up to
 # 512/64) with the step budget configs/mqar.py found recall needs; it is meant for an
 # accelerator.
+# (The mla probes above used qk 24 + 8 / v 32 at width 64; mla's small_config, shared
+# with configs/mqar.py since, gives qk 16 + 8 / v 16: rerun before quoting mla cells.)
 PRESETS: dict[str, dict] = {
     "quick": dict(widths=(64,), settings=((64, 4),), steps=40, hybrids=("gqa,mla", "moh,gqa")),
     "default": dict(widths=(32, 64), settings=((64, 16),), steps=800,
@@ -115,7 +106,9 @@ def build_config(pattern: str, width: int, seq_len: int, kv: int, steps: int, *,
     c.model.head_dim = head_dim(width)
     plen = len(pattern.split(","))
     c.model.num_layers = NUM_LAYERS if NUM_LAYERS % plen == 0 else plen  # a multiple of the pattern
-    c.model.attn_overrides = {n: SWEEP_OVERRIDES[n](width) for n in names if n in SWEEP_OVERRIDES}
+    from attn import registry  # lazily, like model_stats: importing zoo stays cheap
+
+    c.model.attn_overrides = registry.small_overrides(names, width)
     # Keys come from [1, V/2): the vocab must hold kv distinct keys (Zoology uses 8192).
     vocab = max(128, 4 * kv)
     c.model.vocab_size = vocab
@@ -257,7 +250,8 @@ def main(argv=None) -> list[str]:
                 stats="attn_params / kv_bytes_per_token / attn_flops_per_token: attention stats() "
                       "summed over layers (embeddings and MLPs excluded)",
                 step_ms="B*T / train tokens_per_s of the last logging window (excludes compile)",
-                sweep_overrides={m: str(f(64)) + " (at width 64)" for m, f in SWEEP_OVERRIDES.items()})
+                sweep_overrides={m: str(o) + " (at width 64)"
+                                 for m, o in registry.small_overrides(mechs, 64).items()})
     rows: list[dict] = []
     for T, kv in settings:
         for w in widths:

@@ -1,7 +1,10 @@
 """MQAR (Zoology multi-query associative recall) with a small LM: the default main job.
 
-Run (CPU is fine: about 1 minute on 2 idle cores, up to ~2 minutes on busy ones; every
-variant reaches >= 99.9% eval accuracy, printed at the end as FINAL EVAL ACCURACY):
+Run (CPU is fine: about 1 minute on 2 idle cores, up to ~2 minutes on busy ones; the
+softmax variants reach >= 99.9% eval accuracy, printed at the end as FINAL EVAL ACCURACY;
+under the corrected Muon, mla at seed 0 reaches 0.14 at the default 1500 steps, where the
+old optimizer, which weight-decayed norm scales, reached 0.9995: an open question, see
+docs/design.md):
 
     python -m train --config configs/mqar.py:attn=gqa --workdir runs/mqar
 
@@ -21,20 +24,6 @@ from ml_collections import ConfigDict
 
 from attn import registry
 from train.config_args import check_choice, parse_arg_string
-
-# Per-mechanism overrides at this width (d_model 64, 4 heads, head_dim 32). Only the
-# mechanisms in the pattern are passed on: LMConfig rejects overrides for others.
-MECHANISM_OVERRIDES = {
-    # The registry's default K = N // 4 would equal mqa at 4 heads; 2 keeps them distinct.
-    "gqa": {"num_kv_heads": 2},
-    # DeepSeek's defaults (L 512, heads 128/64/128) are for D = 5120; scaled to D = 64
-    # this caches 40 numbers per token against gqa's 128.
-    "mla": {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
-            "v_head_dim": 16},
-    # The paper's gates shrink every head's output ~3x at init and MoH then stalls on
-    # MQAR; the released code's rescaling (each active head starts at weight 1) learns.
-    "moh": {"gate_scaling": "official"},
-}
 
 ARGS = {
     "attn": "mha",
@@ -68,8 +57,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
         # recall circuit too little room (mqa needed ~1500 steps at 16, ~700 at 32).
         head_dim=32,
         attn=",".join(pattern),
-        attn_overrides={n: MECHANISM_OVERRIDES[n] for n in dict.fromkeys(pattern)
-                        if n in MECHANISM_OVERRIDES},
+        # Each mechanism's own small-width overrides (Mechanism.small_config), only for
+        # the mechanisms in the pattern: LMConfig rejects overrides for others.
+        attn_overrides=registry.small_overrides(pattern, 64),
         tie_embeddings=False,
         remat="none",
         scan_layers=False,
@@ -92,6 +82,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
         name=a["optim"],
         learning_rate=5e-3,  # AdamW, and the Adam-updated part under Muon (embeddings, norms)
         muon_learning_rate=0.02,
+        # Tuned with optax's momentum (0.9, bias-corrected); the references' 0.95 without
+        # correction left mha at 0.47 accuracy after 1500 steps (1.0 with these).
+        muon_beta=0.9,
+        muon_bias_correction=True,
         warmup_steps=min(50, a["steps"] // 4),  # short smoke runs still validate
         decay_steps=None,
         min_lr_ratio=0.1,

@@ -68,8 +68,9 @@ from flax.core import FrozenDict
 
 from attn import registry
 from attn.axes import BATCH, EMBED, LAYERS, LENGTH, MLP, VOCAB
+from attn.cache import check_overflow, overflow_state
 from attn.mha import rms_norm
-from attn.positions import RopeConfig, YarnScaling
+from attn.positions import RopeConfig, scaling_from_any
 
 Array = Any
 
@@ -111,7 +112,7 @@ class LMConfig:
       dtype: compute dtype; param_dtype: parameter dtype.
       norm_eps: RMSNorm epsilon (blocks, final norm, qk-norm).
       rope_theta, rope_fraction, rope_scaling: RoPE for every layer that uses it
-        (``rope_scaling``: a ``YarnScaling`` or a dict of its fields); ``use_rope=False``
+        (``rope_scaling``: a scaling of ``attn.positions`` or a dict with its ``type``); ``use_rope=False``
         disables it (a mechanism may still override ``rope``).
       impl: attention implementation handed to every layer ("auto", "xla", ...).
 
@@ -157,9 +158,8 @@ class LMConfig:
                 set_(f, jnp.dtype(getattr(self, f)))
             except TypeError as e:
                 raise ValueError(f"LMConfig.{f}: not a dtype: {getattr(self, f)!r}") from e
-        if isinstance(self.rope_scaling, Mapping) or hasattr(self.rope_scaling, "to_dict"):
-            raw = self.rope_scaling.to_dict() if hasattr(self.rope_scaling, "to_dict") else self.rope_scaling
-            set_("rope_scaling", YarnScaling(**dict(raw)))
+        # A scaling object of attn.positions, or a dict ({"type": "yarn"|"llama3"|..., ...}).
+        set_("rope_scaling", scaling_from_any(self.rope_scaling))
         if not isinstance(self.attn, str) or not self.attn.strip():
             raise ValueError(f"LMConfig.attn must be a non-empty pattern string, got {self.attn!r}")
         pattern = self.pattern
@@ -270,7 +270,8 @@ class Block(nn.Module):
                 raise NotImplementedError(
                     f"attention mechanism {mech.name!r} does not take extra_range_BT2 (extra "
                     "visible key ranges, e.g. the VLM's prefix / mutual masks): its __call__ "
-                    "has no such keyword; use a softmax layer (mha, gqa, mqa, mla, cca, moh)")
+                    "has no such keyword; use one that does: "
+                    + ", ".join(n for n in registry.names() if accepts_extra_range(registry.get(n))))
             extra = {"extra_range_BT2": extra_range_BT2}
         a, cache = mech.module(cfg.layer_configs[self.index], name="attn")(
             h, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache, **extra)
@@ -490,10 +491,13 @@ def generate(config: LMConfig, params, prompt_BT, *, max_new_tokens: int, rng=No
     variables = params if "params" in params else {"params": params}
     rng = jax.random.key(0) if rng is None else rng
     mask = jnp.ones((B, P), bool) if prompt_mask_BT is None else prompt_mask_BT
-    tokens, logits = _generate_jit(
+    tokens, logits, overflow = _generate_jit(
         config, variables, prompt_BT, mask, rng, jnp.float32(max(temperature, 1e-6)),
         max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, max_len=max_len,
         cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype))
+    # The budget check above is static; this one reads what the caches really saw (a
+    # mechanism's cache may hold fewer slots than max_len), since jit could only drop.
+    check_overflow(overflow, where="generate")
     return (tokens, logits) if return_logits else tokens
 
 
@@ -501,7 +505,7 @@ def generate(config: LMConfig, params, prompt_BT, *, max_new_tokens: int, rng=No
                    static_argnames=("max_new_tokens", "greedy", "top_k", "max_len", "cache_dtype"))
 def _generate_jit(config, variables, prompt_BT, mask_BT, rng, temperature, *, max_new_tokens,
                   greedy, top_k, max_len, cache_dtype):
-    """Prefill + ``lax.scan`` decode; returns ``(tokens [B, n], logits [B, n, V])``."""
+    """Prefill + ``lax.scan`` decode; ``(tokens [B, n], logits [B, n, V], overflow_state)``."""
     model = Transformer(config)
     B, P = prompt_BT.shape
     cache = init_cache(config, B, max_len, cache_dtype)
@@ -522,10 +526,11 @@ def _generate_jit(config, variables, prompt_BT, mask_BT, rng, temperature, *, ma
         nxt_B = sample_token(logits[:, 0], key, temperature, greedy=greedy, top_k=top_k)
         return (nxt_B, cache, pos_B + 1), (nxt_B, logits[:, 0])
 
-    _, (toks_nB, logits_nBV) = jax.lax.scan(step, (tok_B, cache, pos_BT[:, -1] + 1), keys[1:])
+    (_, cache, _), (toks_nB, logits_nBV) = jax.lax.scan(step, (tok_B, cache, pos_BT[:, -1] + 1),
+                                                        keys[1:])
     tokens = jnp.concatenate([tok_B[:, None], toks_nB.T], axis=1)
     logits = jnp.concatenate([first_V[:, None], jnp.swapaxes(logits_nBV, 0, 1)], axis=1)
-    return tokens.astype(jnp.int32), logits
+    return tokens.astype(jnp.int32), logits, overflow_state(cache)
 
 
 # --------------------------------------------------------------------------- pure functions

@@ -400,5 +400,5 @@ def map_pool(p: Mapping[str, Array], x_BTD, *, impl: str = "auto"):
     q_BTNH = jnp.broadcast_to(q, (B, 1, *q.shape))
     k = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["k_DNH"].astype(dt))
     v = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["v_DNH"].astype(dt))
-    o_BTNH = attention(q_BTNH, k, v, impl=impl)
+    o_BTNH = attention(q_BTNH, k, v, impl=impl, self_attention=False)  # a probe attends to x
     return jnp.einsum("BNH,NHD->BD", o_BTNH[:, 0], p["o_NHD"].astype(dt))

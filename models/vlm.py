@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn.cache import check_overflow, overflow_state
 from models.transformer import LMConfig, Transformer, init_cache, sample_token
 from models.vit import ViT, ViTConfig
 
@@ -336,8 +337,9 @@ def generate(config: VLMConfig, variables, tokens_BT, images_BIHWC, *, max_new_t
         raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
     I = images_BIHWC.shape[1] if getattr(images_BIHWC, "ndim", 0) == 5 else 0
     check_placeholders(tokens_BT, I, config.tokens_per_image, config.image_token_id)
-    tokens, logits = _generate_jit(config, variables, tokens_BT, images_BIHWC,
-                                   max_new_tokens=max_new_tokens)
+    tokens, logits, overflow = _generate_jit(config, variables, tokens_BT, images_BIHWC,
+                                             max_new_tokens=max_new_tokens)
+    check_overflow(overflow, where="vlm generate")  # jit could only drop tokens; say it here
     return (tokens, logits) if return_logits else tokens
 
 
@@ -365,11 +367,11 @@ def _generate_jit(config, variables, tokens_BT, images_BIHWC, *, max_new_tokens)
         nxt_B = sample_token(logits[:, 0], None, 1.0, greedy=True)
         return (nxt_B, cache, p_B + 1), (nxt_B, logits[:, 0])
 
-    _, (toks_nB, logits_nBV) = jax.lax.scan(step, (tok_B, cache, pos_BT[:, -1] + 1), None,
-                                            length=max_new_tokens - 1)
+    (_, cache, _), (toks_nB, logits_nBV) = jax.lax.scan(
+        step, (tok_B, cache, pos_BT[:, -1] + 1), None, length=max_new_tokens - 1)
     tokens = jnp.concatenate([tok_B[:, None], toks_nB.T], axis=1)
     logits = jnp.concatenate([first_V[:, None], jnp.swapaxes(logits_nBV, 0, 1)], axis=1)
-    return tokens.astype(jnp.int32), logits
+    return tokens.astype(jnp.int32), logits, overflow_state(cache)
 
 
 # --------------------------------------------------------------------------- pure functions

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.masks import Mask
+from tests.oracle import mask_from_definition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,9 @@ def make_case(name: str, dtype=jnp.float32, seed: int = 0) -> dict:
         kw["sinks"] = jax.random.normal(keys[3], (sp.N,), jnp.float32)
     if sp.bias is not None:
         kw["bias"] = jax.random.normal(keys[4], sp.bias, jnp.float32)
-    dense = np.asarray(mask.materialize(sp.B, sp.T, sp.S))
+    # The oracle's mask comes from the Mask's definition, not from Mask.materialize
+    # (the code under test).
+    dense = mask_from_definition(mask, sp.B, sp.T, sp.S, sp.N)
     return dict(spec=sp, q=q, k=k, v=v, mask=mask, kwargs=kw, dense=dense,
                 do=jax.random.normal(keys[5], (sp.B, sp.T, sp.N, sp.E), jnp.float32))
 

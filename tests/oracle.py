@@ -19,6 +19,57 @@ from __future__ import annotations
 import numpy as np
 
 
+def mask_from_definition(mask, batch, q_len, kv_len, num_heads=1):
+    """The dense bool mask ``[B, N|1, T, S]`` of an ``attn.masks.Mask``, from its definition.
+
+    Written in numpy from the rules of the Mask docstring, one (b, n, t, s) pair at a
+    time and without calling any Mask method, so a bug in ``attn/masks.py`` shows up
+    as a disagreement instead of passing every kernel test. Fields: causal, window
+    (left, right), q/kv positions (default arange), segments (0 = padding),
+    q_extra_range (OR-ed with causal/window only), block_mask + block_size, dense.
+    """
+    def arr(x):
+        return None if x is None else np.asarray(x)
+
+    B, T, S = batch, q_len, kv_len
+    qp = arr(mask.q_positions)
+    kp = arr(mask.kv_positions)
+    qp = np.tile(np.arange(T), (B, 1)) if qp is None else qp
+    kp = np.tile(np.arange(S), (B, 1)) if kp is None else kp
+    qs, ks, extra = arr(mask.q_segment_ids), arr(mask.kv_segment_ids), arr(mask.q_extra_range)
+    bm, dense = arr(mask.block_mask), arr(mask.dense)
+    heads = num_heads if (bm is not None and bm.shape[0] > 1) or (
+        dense is not None and dense.shape[1] > 1) else 1
+    left, right = (None, None) if mask.window is None else mask.window
+    out = np.zeros((B, heads, T, S), bool)
+    for b in range(B):
+        for t in range(T):
+            for s in range(S):
+                d = int(kp[b, s]) - int(qp[b, t])  # key position minus query position
+                ok = True
+                if mask.causal and d > 0:
+                    ok = False
+                if left is not None and d < -left:
+                    ok = False
+                if right is not None and d > right:
+                    ok = False
+                ruled = mask.causal or mask.window is not None
+                if extra is not None and ruled and extra[b, t, 0] <= kp[b, s] <= extra[b, t, 1]:
+                    ok = True
+                if qs is not None and (qs[b, t] != ks[b, s] or qs[b, t] == 0):
+                    ok = False
+                for n in range(heads):
+                    v = ok
+                    if bm is not None:
+                        cq, ck = mask.block_size
+                        v = v and bool(bm[min(n, bm.shape[0] - 1), t // cq, s // ck])
+                    if dense is not None:
+                        v = v and bool(dense[min(b, dense.shape[0] - 1),
+                                             min(n, dense.shape[1] - 1), t, s])
+                    out[b, n, t, s] = v
+    return out
+
+
 def _expand(q, k, v, dense_mask, bias):
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]

@@ -19,7 +19,7 @@ from train import context_parallel as cpl
 from train import trainer
 from train.config_args import load_config
 from train.data import make_source
-from train.sharding import MeshConfig, make_mesh, put_batch
+from train.sharding import MeshConfig, batch_sharding, make_mesh, put_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, H, E = 2, 64, 16, 12
@@ -145,8 +145,9 @@ def test_activate_routes_layers_and_leaves_cross_attention_alone():
     mesh = make_mesh(MeshConfig(shape=(2, 1, 4, 1)))
     q, k, v, _ = _inputs(4, 2)
     with cpl.activate(cpl.ContextParallelConfig("ulysses"), mesh, zigzag=False):
-        routed = jax.jit(lambda q, k, v: attention(q, k, v, mask=Mask(causal=True)))(q, k, v)
-        cross = attention(q[:, :5], k, v)  # T != S: not sequence-split self-attention
+        routed = jax.jit(lambda q, k, v: attention(q, k, v, mask=Mask(causal=True),
+                                                   self_attention=True))(q, k, v)
+        cross = attention(q[:, :5], k, v, self_attention=False)  # not sequence-split
     np.testing.assert_allclose(routed, attention(q, k, v, mask=Mask(causal=True), impl="xla"),
                                atol=2e-5, rtol=2e-5)
     assert cross.shape == (B, 5, 4, E)
@@ -156,7 +157,51 @@ def test_activate_routes_layers_and_leaves_cross_attention_alone():
 
 def _routed(mesh, q, k, v):
     with cpl.activate(cpl.ContextParallelConfig("ulysses"), mesh, zigzag=False):
-        return attention(q, k, v, mask=Mask(causal=True))
+        return attention(q, k, v, mask=Mask(causal=True), self_attention=True)
+
+
+def test_router_follows_the_self_attention_flag_not_the_shapes(monkeypatch, caplog):
+    """Cross-attention with T == S stays unsplit; only self_attention=True is routed."""
+    monkeypatch.setattr(cpl, "_LOGGED", set())
+    seen = []
+    real = cpl.context_parallel_attention
+    monkeypatch.setattr(cpl, "context_parallel_attention",
+                        lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    mesh = make_mesh(MeshConfig(shape=(1, 1, 2, 1), num_devices=2))
+    x = jax.random.normal(jax.random.key(1), (1, 8, 2, 4))
+    y = jax.random.normal(jax.random.key(2), (1, 8, 2, 4))  # another sequence, same length
+    with cpl.activate(cpl.ContextParallelConfig("all_gather"), mesh, zigzag=False):
+        cross = attention(x, y, y, self_attention=False)
+        assert not seen
+        with caplog.at_level("WARNING"):
+            attention(x, y, y)  # undeclared: unsplit, said once
+        assert not seen and "without self_attention=" in caplog.text
+        own = attention(x, x, x, self_attention=True)
+        assert seen == [1]
+    np.testing.assert_allclose(cross, attention(x, y, y, impl="xla"), atol=1e-6)
+    np.testing.assert_allclose(own, attention(x, x, x, impl="xla"), atol=1e-6)
+    with pytest.raises(ValueError, match=r"self_attention=True needs S == T, got T=8, S=5"):
+        attention(x, y[:, :5], y[:, :5], self_attention=True)
+
+
+def test_ring_refuses_an_impl_without_float32_block_outputs():
+    """A block rounded to bf16 before the merge would change the result: refuse, say why."""
+    from attn import core
+    core.register_impl("test_no_f32_out",
+                       lambda q, k, v, **kw: core.xla_attention(q, k, v, **kw),
+                       lambda call: None)  # declares no float32_out
+    try:
+        mesh = make_mesh(MeshConfig(shape=(1, 1, 2, 1), num_devices=2))
+        x = jax.random.normal(jax.random.key(1), (1, 8, 2, 4))
+        run = lambda x, s: cpl.context_parallel_attention(  # noqa: E731
+            x, x, x, impl="test_no_f32_out", strategy=s, mesh=mesh, mask=Mask(causal=True))
+        with pytest.raises(NotImplementedError,
+                           match=r"ring: impl 'test_no_f32_out' cannot return float32 block outputs"):
+            run(x.astype(jnp.bfloat16), "ring")
+        run(x, "ring")  # float32 inputs: its outputs already are float32
+        run(x.astype(jnp.bfloat16), "all_gather")  # no merge, nothing to refuse
+    finally:
+        core._IMPLS.pop("test_no_f32_out")
 
 
 # --------------------------------------------------------------------------- errors
@@ -174,6 +219,35 @@ def test_errors_name_what_does_not_divide():
         cpl.ContextParallelConfig("nope")
     with pytest.raises(ValueError, match=r"T % \(2·cp\)"):
         cpl.zigzag_permutation(60, 16)
+
+
+def test_batch_that_does_not_divide_is_refused_with_the_numbers():
+    mesh = make_mesh(MeshConfig(shape=(2, 1, 2, 1), num_devices=4))
+    x = jnp.ones((3, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"batch B=3 does not divide into the 2 batch shards"):
+        cpl.context_parallel_attention(x, x, x, strategy="ring", mesh=mesh)
+    sharding = batch_sharding(mesh, MeshConfig().logical_rules)
+    with pytest.raises(ValueError, match=r"'inputs' has batch size 3, which does not divide into the 2"):
+        put_batch({"inputs": np.zeros((3, 8), np.int32)}, sharding)
+
+
+@pytest.mark.parametrize("strategy, mesh_shape, N, K, says", [
+    ("ring", (1, 1, 2, 2), 3, 1, "replicated over it: each of its 2 devices computes all heads"),
+    ("ulysses", (1, 1, 4, 1), 4, 2, "K/V are repeated 2x to 4 heads"),
+])
+def test_replication_is_done_and_said_once(monkeypatch, caplog, strategy, mesh_shape, N, K, says):
+    monkeypatch.setattr(cpl, "_LOGGED", set())
+    mesh = make_mesh(MeshConfig(shape=mesh_shape, num_devices=int(np.prod(mesh_shape))))
+    ks = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(ks[0], (1, 8, N, 4))
+    k, v = (jax.random.normal(key, (1, 8, K, 4)) for key in ks[1:])
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            o = cpl.context_parallel_attention(q, k, v, strategy=strategy, mesh=mesh,
+                                               mask=Mask(causal=True))
+    assert caplog.text.count(says) == 1, caplog.text
+    np.testing.assert_allclose(o, attention(q, k, v, mask=Mask(causal=True), impl="xla"),
+                               atol=2e-6, rtol=2e-6)
 
 
 # --------------------------------------------------------------------------- training

@@ -12,7 +12,7 @@ from attn.chunked import chunked_attention
 from attn.core import attention, make_call, select_impl
 from attn.masks import Mask
 from tests.attn_cases import CASES, make_case, oracle_kwargs
-from tests.oracle import reference_attention, reference_grads
+from tests.oracle import mask_from_definition, reference_attention, reference_grads
 
 
 def _small_chunks(q, k, v, *, mask, return_lse, **kw):
@@ -237,3 +237,81 @@ def test_block_mask_and_dense_in_reference():
     np.testing.assert_allclose(o, reference_attention(np.asarray(q), np.asarray(k),
                                                       np.asarray(k), dense_mask=dense)[0],
                                atol=2e-5)
+
+
+# --------------------------------------------------------------------------- issue 12
+def test_chunked_float64_gradients_are_float64_accurate():
+    # The saved lse used to be cast to float32, capping float64 gradients at ~1e-7.
+    case = make_case("softcap_sinks")
+    f64 = lambda x: np.asarray(x, np.float64)
+    q, k, v, do = (f64(case[n])[:1, :9] if n in ("q", "do") else f64(case[n])[:1, :11]
+                   for n in ("q", "k", "v", "do"))
+    sinks = f64(case["kwargs"]["sinks"])
+    with jax.enable_x64(True):
+        def loss(q, k, v, sinks):
+            o, lse = chunked_attention(q, k, v, mask=Mask(causal=True, window=(4, 3)),
+                                       chunk_size=4, softcap=5.0, sinks=sinks)
+            return jnp.sum(o * do) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+        got = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+    dense = mask_from_definition(Mask(causal=True, window=(4, 3)), 1, 9, 11)
+    ref = reference_grads(q, k, v, do, np.ones((1, q.shape[2], 9)), dense_mask=dense,
+                          softcap=5.0, sinks=sinks)
+    for g, name in zip(got, ("dq", "dk", "dv", "dsinks")):
+        assert g.dtype == jnp.float64
+        np.testing.assert_allclose(g, ref[name], rtol=1e-12, atol=1e-12)
+
+
+def test_auto_never_picks_a_kernel_without_hardware_results():
+    # No Pallas kernel has a hardware run or benchmark in benchmarks/results/.
+    assert not any(n.startswith("pallas") for row in core.AUTO_PREFERENCE.values() for n in row)
+    x = jax.ShapeDtypeStruct((1, 128, 4, 64), jnp.bfloat16)
+    assert select_impl(make_call(x, x, x, mask=Mask(causal=True), platform="gpu")).name == "cudnn"
+    lse_call = make_call(x, x, x, mask=Mask(causal=True), return_lse=True, platform="gpu")
+    assert select_impl(lse_call).name == "xla"  # cuDNN cannot return the lse
+    assert select_impl(make_call(x, x, x, platform="tpu")).name == "xla"
+
+
+def test_unknown_platform_warns_once(caplog):
+    x = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.float32)
+    core._UNKNOWN_PLATFORM_LOGGED.discard("weird")
+    with caplog.at_level(logging.WARNING, logger="attn.core"):
+        assert select_impl(make_call(x, x, x, platform="weird")).name == "xla"
+        select_impl(make_call(x, x, x, platform="weird"))
+    warned = [r for r in caplog.records if "'weird'" in r.getMessage()]
+    assert len(warned) == 1 and "cpu" in warned[0].getMessage()
+
+
+def test_dead_mask_helpers_are_gone():
+    import attn.masks as masks
+    assert not hasattr(masks, "causal_mask") and not hasattr(Mask, "has_extra_range")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_oracle_mask_agrees_with_materialize(seed):
+    # The oracle's mask is written from the definition; Mask.materialize is the code
+    # under test. Random small cases over every field.
+    rng = np.random.default_rng(seed)
+    B, T, S, N = 2, int(rng.integers(1, 7)), int(rng.integers(1, 9)), 2
+    side = lambda: None if rng.random() < 0.3 else int(rng.integers(0, 4))
+    kw = dict(causal=bool(rng.random() < 0.6),
+              window=None if rng.random() < 0.3 else (side(), side()))
+    if rng.random() < 0.7:
+        kw["q_positions"] = jnp.asarray(rng.integers(0, 10, (B, T)), jnp.int32)
+        kw["kv_positions"] = jnp.asarray(rng.integers(0, 10, (B, S)), jnp.int32)
+    if rng.random() < 0.6:
+        kw["q_segment_ids"] = jnp.asarray(rng.integers(0, 3, (B, T)), jnp.int32)
+        kw["kv_segment_ids"] = jnp.asarray(rng.integers(0, 3, (B, S)), jnp.int32)
+    if rng.random() < 0.6:
+        lo = rng.integers(0, 10, (B, T))
+        kw["q_extra_range"] = jnp.asarray(np.stack([lo, lo + rng.integers(-2, 4, (B, T))], -1),
+                                          jnp.int32)
+    if rng.random() < 0.6:
+        cq, ck = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        kw["block_size"] = (cq, ck)
+        kw["block_mask"] = jnp.asarray(rng.random((N, -(-T // cq), -(-S // ck))) < 0.7)
+    if rng.random() < 0.4:
+        kw["dense"] = jnp.asarray(rng.random((1, N, T, S)) < 0.8)
+    mask = Mask(**kw)
+    want = mask_from_definition(mask, B, T, S, N)
+    got = np.broadcast_to(np.asarray(mask.materialize(B, T, S)), (B, N, T, S))
+    np.testing.assert_array_equal(got, np.broadcast_to(want, (B, N, T, S)), err_msg=str(kw))

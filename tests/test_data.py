@@ -151,7 +151,18 @@ def test_token_file_errors_name_the_path(tmp_path):
     big = tmp_path / "big.bin"
     np.full(200, 500, dtype=np.uint16).tofile(big)
     with pytest.raises(ValueError, match=r"big\.bin.*token id 500"):
-        tokens_source(big).batch("train", 0, 2)
+        tokens_source(big)  # at open, before any batch
+
+    # An id that appears only as an input (position 0 of the file, never a target) and
+    # one in the eval file are both caught when the source opens.
+    first = tmp_path / "first.bin"
+    np.concatenate([[777], np.arange(99), np.arange(100)]).astype(np.uint16).tofile(first)
+    with pytest.raises(ValueError, match=r"first\.bin.*token id 777 >= data\.options\.vocab_size=100 \(at index 0\)"):
+        tokens_source(first)
+    ok = tmp_path / "ok.bin"
+    np.arange(100, dtype=np.uint16).tofile(ok)
+    with pytest.raises(ValueError, match=r"big\.bin.*token id 500"):
+        tokens_source(ok, eval_path=str(big))
 
     good = tmp_path / "good.bin"
     np.arange(100, dtype=np.uint16).tofile(good)

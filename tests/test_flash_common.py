@@ -249,3 +249,26 @@ def test_kernels_lower_for_hardware(backend, monkeypatch):
             bf(B, T, N, H), bf(B, S, K, H), bf(B, S, K, E), jax.ShapeDtypeStruct((N,), jnp.float32)
         ).lower(lowering_platforms=(platform,))
         assert lowered.as_text().count(target) >= 3  # forward, dQ and dK/dV kernels
+
+
+def test_gpu_kernels_have_their_own_names_and_the_alias_says_why(caplog):
+    import logging
+    names = set(core.registered_impls())
+    assert {"pallas_triton", "pallas_triton_interpret", "pallas_mosaic_gpu"} <= names
+    # Mosaic GPU cannot be interpreted on JAX 0.10, so it has no interpret name.
+    assert "pallas_mosaic_gpu_interpret" not in names
+    sup = lambda name, **kw: core.get_impl(name).supports(_call(**kw))
+    assert "needs a GPU" in sup("pallas_triton") and "needs a GPU" in sup("pallas_mosaic_gpu")
+    assert sup("pallas_triton_interpret") is None
+    flash_register._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="kernels_pallas.flash.register"):
+        kernel, _ = flash_register.resolve_gpu_kernel(_call(platform="gpu"), interpret=True)
+        flash_register.resolve_gpu_kernel(_call(platform="gpu"), interpret=True)
+    assert kernel.name == "triton"
+    msgs = [r.getMessage() for r in caplog.records if "resolved to" in r.getMessage()]
+    # Logged once, naming the Mosaic GPU kernel's refusal (it was dropped before).
+    assert len(msgs) == 1 and "mosaic:" in msgs[0] and "interpret" in msgs[0], msgs
+    q = jax.random.normal(jax.random.key(0), (1, 16, 2, 32))
+    a = core.attention(q, q, q, mask=Mask(causal=True), impl="pallas_triton_interpret")
+    b = core.attention(q, q, q, mask=Mask(causal=True), impl="pallas_gpu_interpret")
+    np.testing.assert_array_equal(a, b)

@@ -10,6 +10,7 @@ import pytest
 from attn.positions import (
     RopeConfig,
     YarnScaling,
+    YarnWavelengthScaling,
     alibi_bias,
     alibi_slopes,
     apply_rope,
@@ -98,9 +99,9 @@ def test_dtype_roundtrip_bf16():
 def test_yarn_sanity():
     base = rope_frequencies(H, theta=10_000.0)
     # factor 1 is plain RoPE.
-    same = rope_frequencies(H, theta=10_000.0, scaling=YarnScaling(factor=1.0, original_max_position=256))
+    same = rope_frequencies(H, theta=10_000.0, scaling=YarnWavelengthScaling(factor=1.0, original_max_position=256))
     np.testing.assert_allclose(same, base, rtol=1e-6)
-    s = YarnScaling(factor=4.0, original_max_position=256)
+    s = YarnWavelengthScaling(factor=4.0, original_max_position=256)
     scaled = rope_frequencies(H, theta=10_000.0, scaling=s)
     ratio = scaled / base
     wavelength = 2 * np.pi / base

@@ -18,7 +18,6 @@ from train import NonFiniteLossError, train_and_evaluate, trainer
 from train.config_args import load_config
 from train.data import MQARSource
 from train.metrics import read_scalars
-from train.optim import OptimConfig, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_EVERY = 24, 8
@@ -203,42 +202,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
-# --------------------------------------------------------------------------- optimizers
-@pytest.mark.parametrize("name", ["adamw", "muon"])
-def test_optimizers_update_and_schedule(name):
-    P = jax.sharding.PartitionSpec
-    params = {"embedding": jnp.ones((8, 4)), "q_kernel": jnp.ones((4, 2, 3)),
-              "o_kernel": jnp.ones((2, 3, 4)), "scale": jnp.ones((4,))}
-    param_axes = {"embedding": P("vocab", "embed"), "q_kernel": P("embed", "heads", "head_dim"),
-                  "o_kernel": P("heads", "head_dim", "embed"), "scale": P("embed")}
-    tx, schedule = make_optimizer(OptimConfig(name=name, learning_rate=0.1, warmup_steps=2,
-                                              min_lr_ratio=0.0), 10, param_axes)
-    assert [round(float(schedule(i)), 4) for i in (0, 1, 2, 10)] == [0.0, 0.05, 0.1, 0.0]
-    state = tx.init(params)
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)
-    for _ in range(3):
-        updates, state = tx.update(grads, state, params)
-    assert all(bool(jnp.all(jnp.isfinite(u))) and float(jnp.abs(u).max()) > 0
-               for u in jax.tree.leaves(updates))
-    with pytest.raises(ValueError, match="optim.name='sgd'"):
-        OptimConfig(name="sgd")
-
-
-def test_muon_reads_fan_in_from_logical_axes():
-    from train.optim import _muon_dims
-
-    P = jax.sharding.PartitionSpec
-    params = {"emb": jnp.ones((8, 4)), "q": jnp.ones((4, 2, 3)), "o": jnp.ones((2, 3, 4)),
-              "w": jnp.ones((4, 6)), "scanned_q": jnp.ones((5, 4, 2, 3)), "s": jnp.ones((4,))}
-    axes_ = {"emb": P("vocab", "embed"), "q": P("embed", "heads", "head_dim"),
-             "o": P("heads", "head_dim", "embed"), "w": P("embed", "mlp"),
-             "scanned_q": P("layers", "embed", "heads", "head_dim"), "s": P("embed")}
-    dims = _muon_dims(params, axes_)
-    assert dims["emb"] is None and dims["s"] is None  # Adam
-    assert (dims["q"].reduction_axis, dims["q"].output_axis) == ((0,), (1, 2))
-    assert (dims["o"].reduction_axis, dims["o"].output_axis) == ((0, 1), (2,))
-    assert (dims["w"].reduction_axis, dims["w"].output_axis) == ((0,), (1,))
-    assert (dims["scanned_q"].reduction_axis, dims["scanned_q"].output_axis) == ((1,), (2, 3))
+# Optimizer tests (schedule, Muon against its peers, routing) live in tests/test_optim.py.
 
 
 # --------------------------------------------------------------------------- command line

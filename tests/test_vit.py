@@ -135,15 +135,17 @@ def test_image_folder_source_reads_pngs(tmp_path):
 
 
 def test_digits_training_smoke(tmp_path):
-    c = load_config(os.path.join(ROOT, "configs/vit_digits.py:steps=16"))
+    c = load_config(os.path.join(ROOT, "configs/vit_digits.py:steps=40"))
     c.model.update(dict(width=32, depth=1, mlp_dim=64))
     c.data.update(dict(batch_size=32, eval_batch_size=128))
-    c.train.update(dict(log_every=8, eval_every=8, progress_bar=False))
-    c.checkpoint.update(dict(every_steps=8))
+    c.train.update(dict(log_every=20, eval_every=20, progress_bar=False))
+    c.checkpoint.update(dict(every_steps=20))
     result = train_and_evaluate(c, str(tmp_path))
-    assert result["step"] == 16 and 0.0 <= result["eval/accuracy"] <= 1.0
-    assert np.isfinite(result["eval/loss"])
-    assert max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == 16
+    # It must learn: chance is 0.1 (sd 0.016 on the 359 eval digits); 40 steps measured
+    # 0.287 (16 steps were still at chance, 0.114), so 0.2 fails a model that does not learn.
+    assert result["step"] == 40 and result["eval/accuracy"] > 0.2
+    assert result["eval/loss"] < np.log(10)  # below the uniform guess
+    assert max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == 40
     # Resuming a finished run restores and only evaluates.
     again = train_and_evaluate(c, str(tmp_path))
     assert again["eval/accuracy"] == result["eval/accuracy"]

@@ -44,13 +44,20 @@ def main(argv: list[str]) -> int:
     section = _CONFIG.value.get("distributed", None)
     distributed.initialize(distributed.DistributedConfig.from_dict(
         section.to_dict() if hasattr(section, "to_dict") else (section or {})))
-    from train.trainer import NonFiniteLossError, train_and_evaluate
+    from train.checkpoint import CheckpointError
+    from train.trainer import NonFiniteLossError, TrainingInterrupted, train_and_evaluate
 
     try:
         metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except NonFiniteLossError as e:
         print(f"STOPPED: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # unwritable folder, failed save, nothing loadable
+        print(f"CHECKPOINT ERROR: {e}", file=sys.stderr)
+        return 4
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM: the step was saved first
+        print(f"STOPPED: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
     if jax.process_index() != 0:  # every process holds the same (replicated) metrics
         return 0
     lines = [f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in sorted(metrics.items())]

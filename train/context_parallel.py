@@ -1,7 +1,8 @@
 """Context parallelism: attention over a sequence split along the mesh axis ``context``.
 
 The layers never see the mesh. Under ``activate(config, mesh)`` every self-attention
-call (``attn.core.attention`` with T == S) is routed here, re-expressed on local shards
+call (``attn.core.attention(..., self_attention=True)``, which the layers pass when k/v
+are their own tokens; shapes cannot tell, cross-attention may have T == S) is routed here, re-expressed on local shards
 with ``jax.shard_map`` and computed by the layer's own implementation (xla,
 xla_chunked, cudnn, Pallas) on local shapes. Four strategies, ``cp`` = context degree:
 
@@ -10,11 +11,14 @@ xla_chunked, cudnn, Pallas) on local shapes. Four strategies, ``cp`` = context d
 * ``ring``        K/V blocks travel around the ring with ``ppermute``; each block's
                   ``(o, lse)`` is merged in float32. The next block's send is issued
                   before the current block's compute (double buffering), so the
-                  scheduler can overlap them. Backward is a custom VJP that circulates
+                  scheduler can overlap them. Only implementations that return float32
+                  block outputs (``Impl.float32_out``) run in the ring, so nothing is
+                  rounded before the merge. Backward is a custom VJP that circulates
                   K/V again with their dK/dV accumulators: memory stays O(T / cp).
 * ``ulysses``     an all-to-all swaps the split from sequence to heads, every device
                   attends over the whole sequence for N / cp heads, and a second
-                  all-to-all swaps back. K < cp kv heads are replicated.
+                  all-to-all swaps back. K kv heads that do not divide by cp are
+                  repeated to lcm(K, cp) first (logged once, with the cost).
 * ``hybrid``      ``cp = u · r``: Ulysses inside groups of ``u`` neighbouring devices,
                   ring over the ``r`` groups.
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Callable
 
@@ -58,9 +63,20 @@ from attn.masks import Mask
 from train.config_args import dataclass_from_dict
 
 Array = Any
+log = logging.getLogger(__name__)
 CONTEXT_AXIS = "context"
 BATCH_AXES = ("data", "fsdp")   # mesh axes that may split B
 HEAD_AXIS = "tensor"            # mesh axis that may split N and K
+
+
+_LOGGED: set[str] = set()
+
+
+def _say_once(msg: str) -> None:
+    """Log ``msg`` once per process: a replication is a cost worth one line, not one per layer."""
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.warning("%s", msg)
 
 
 # --------------------------------------------------------------------------- config
@@ -143,14 +159,21 @@ class _Local:
 def _inner(spec: _Local, q, k, v, qpos, kpos, qseg, kseg, sinks, *, float32_out=False):
     """One local attention call through the registry; ``(o, lse)``.
 
-    ``float32_out``: ask for a float32 ``o`` where the implementation offers it
-    (``Impl.float32_out``), so partial results are merged before any rounding.
+    ``float32_out``: the ring merges partial results, so ``o`` must come back in float32
+    (``Impl.float32_out``); an implementation that would round a low-precision block
+    output to the input dtype first is refused with the reason.
     """
     mask = Mask(causal=spec.causal, window=spec.window, q_positions=qpos, kv_positions=kpos,
                 q_segment_ids=qseg, kv_segment_ids=kseg)
     call = core.make_call(q, k, v, mask=mask, scale=spec.scale, softcap=spec.softcap,
                           sinks=sinks, return_lse=True)
     impl = core.select_impl(call, spec.impl)
+    narrow = jnp.dtype(q.dtype).itemsize < 4  # float32 / float64 outputs lose nothing
+    if float32_out and narrow and not impl.float32_out:
+        raise NotImplementedError(
+            f"context-parallel ring: impl {impl.name!r} cannot return float32 block outputs "
+            f"(Impl.float32_out=False), so every block would be rounded to {q.dtype} before the "
+            "merge; use an impl that declares float32_out (xla), or strategy all_gather/ulysses")
     extra = {"out_dtype": jnp.float32} if float32_out and impl.float32_out else {}
     return impl.fn(q, k, v, mask=mask, scale=spec.scale, softcap=spec.softcap, sinks=sinks,
                    bias=None, return_lse=True, **extra)
@@ -315,6 +338,10 @@ def _seq_heads_local(spec, q, k, v, qpos, kpos, qseg, kseg, sinks, *, axis, cp, 
         kv = k.shape[2]
         if kv % u:  # each device must own whole kv heads: replicate them (GQA, K < u)
             rep = math.lcm(kv, u) // kv
+            _say_once(f"context parallelism ({'ulysses' if r == 1 else 'hybrid'}): K={kv} local kv "
+                      f"heads do not divide by the Ulysses degree u={u}; K/V are repeated {rep}x to "
+                      f"{kv * rep} heads before the all-to-all ({rep}x the K/V all-to-all traffic "
+                      "and K/V memory of attention)")
             k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
         to_heads = lambda x: lax.all_to_all(x, axis, 2, 1, tiled=True, axis_index_groups=groups)  # noqa: E731
         q, k, v = to_heads(q), to_heads(k), to_heads(v)
@@ -414,6 +441,11 @@ def context_parallel_attention(q, k, v, *, mask: Mask | None = None, scale=None,
     if strat is None:
         raise ValueError(f"unknown context-parallel strategy {strategy!r}; known: {sorted(STRATEGIES)}")
     head_axis = HEAD_AXIS if tp > 1 and N % tp == 0 and K % tp == 0 else None
+    if tp > 1 and head_axis is None:
+        # Still correct (each tensor device computes every head); tp x the attention work.
+        _say_once(f"context parallelism: N={N} query / K={K} kv heads do not both divide the "
+                  f"tensor axis ({tp}); attention is replicated over it: each of its {tp} "
+                  f"devices computes all heads ({tp}x the attention FLOPs and memory of a head split)")
     n_local = N // (tp if head_axis else 1)
     u = strat.ulysses_degree(cp, ulysses_degree)
     if cp % u:
@@ -426,8 +458,13 @@ def context_parallel_attention(q, k, v, *, mask: Mask | None = None, scale=None,
         raise ValueError(f"{strategy}: T={T} does not divide into {chunks} sequence chunks "
                          f"({'2·ring size for zigzag' if zigzag else 'cp'})")
     batch_axes = tuple(a for a in BATCH_AXES if mesh_axis_size(mesh, a) > 1)
-    if B % math.prod(mesh_axis_size(mesh, a) for a in batch_axes):
-        batch_axes = ()  # replicate: correct, only redundant
+    shards = math.prod(mesh_axis_size(mesh, a) for a in batch_axes)
+    if B % shards:
+        # Refused, not replicated: the trainer's batches always divide, so this is a caller
+        # whose batch was meant to be split; replicating would repeat every row's work.
+        sizes = " x ".join(str(mesh_axis_size(mesh, a)) for a in BATCH_AXES)
+        raise ValueError(f"context parallelism: batch B={B} does not divide into the {shards} "
+                         f"batch shards of the mesh (data x fsdp = {sizes})")
     b = batch_axes or None
     qpos, kpos = mask.positions(B, T, S)
     qpos = jnp.broadcast_to(qpos, (B, T)).astype(jnp.int32)
@@ -449,8 +486,9 @@ def context_parallel_attention(q, k, v, *, mask: Mask | None = None, scale=None,
 def activate(config: ContextParallelConfig, mesh, *, zigzag: bool):
     """Route every self-attention call in this block through ``config.strategy``.
 
-    Use inside the traced function (the trainer wraps its forward). Calls with T != S
-    (cross-attention, decode against a cache) run as usual.
+    Use inside the traced function (the trainer wraps its forward). Only calls that
+    declare ``self_attention=True`` are split; False (cross-attention, decode against a
+    cache) runs as usual, and an undeclared call (None) runs unsplit with one warning.
 
     Example:
       >>> import jax
@@ -459,12 +497,17 @@ def activate(config: ContextParallelConfig, mesh, *, zigzag: bool):
       >>> mesh = make_mesh(MeshConfig(shape=(1, 1, -1, 1)))
       >>> x = jax.random.normal(jax.random.key(0), (2, 32, 4, 8))
       >>> with activate(ContextParallelConfig("all_gather"), mesh, zigzag=False):
-      ...     o = attention(x, x, x)
+      ...     o = attention(x, x, x, self_attention=True)
       >>> o.shape
       (2, 32, 4, 8)
     """
-    def route(call, q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, impl):
-        if call.q_len != call.kv_len or mesh_axis_size(mesh, CONTEXT_AXIS) == 1:
+    def route(call, q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, impl,
+              self_attention=None):
+        if not self_attention or mesh_axis_size(mesh, CONTEXT_AXIS) == 1:
+            if self_attention is None and mesh_axis_size(mesh, CONTEXT_AXIS) > 1:
+                _say_once("context parallelism: an attention() call without self_attention= "
+                          f"(q {call.q_shape}, k {call.k_shape}) runs unsplit; pass "
+                          "self_attention=True from a self-attention layer to split it")
             return None
         if bias is not None:
             raise NotImplementedError("context parallelism does not shard an additive bias; "

@@ -301,7 +301,7 @@ class TokenFileOptions:
 
     Attributes:
       path: training tokens.
-      vocab_size: tokens must lie in [0, vocab_size); checked on every batch.
+      vocab_size: tokens must lie in [0, vocab_size); checked once over each file when it opens.
       dtype: "uint16" or "uint32".
       eval_path: held-out tokens; None = the last ``eval_fraction`` of ``path``.
       eval_fraction: used only when ``eval_path`` is None.
@@ -351,6 +351,28 @@ def open_token_file(path: str, dtype: str, min_tokens: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str,
+                    chunk: int = 1 << 24) -> None:
+    """Raise ValueError naming ``path`` if any id in ``tokens [n]`` is >= ``vocab_size``.
+
+    A vectorised max over the memmap in chunks of ``chunk`` tokens (the file is never
+    loaded whole); unsigned dtypes have no negative ids.
+
+    Example:
+      >>> check_token_ids(np.array([0, 3, 9], np.uint16), 10, "t.bin")
+      >>> check_token_ids(np.array([0, 12], np.uint16), 10, "t.bin")
+      Traceback (most recent call last):
+      ...
+      ValueError: token file 't.bin' holds token id 12 >= data.options.vocab_size=10 (at index 1)
+    """
+    for start in range(0, tokens.shape[0], chunk):
+        part = np.asarray(tokens[start:start + chunk])
+        if int(part.max(initial=0)) >= vocab_size:
+            i = int(np.argmax(part >= vocab_size))  # the first bad id, to find it in the file
+            raise ValueError(f"token file {path!r} holds token id {int(part[i])} >= "
+                             f"data.options.vocab_size={vocab_size} (at index {start + i})")
+
+
 @register_source("tokens")
 class TokenFileSource(DataSource):
     """Random windows of user token files, memory-mapped (never loaded whole)."""
@@ -364,7 +386,9 @@ class TokenFileSource(DataSource):
             raise ValueError(f"data.options.vocab_size must be set (>= 1), got {o.vocab_size}")
         train = open_token_file(o.path, o.dtype, need)
         if o.eval_path:
-            self.splits = {"train": train, "eval": open_token_file(o.eval_path, o.dtype, need)}
+            eval_ = open_token_file(o.eval_path, o.dtype, need)
+            self.splits = {"train": train, "eval": eval_}
+            check_token_ids(eval_, o.vocab_size, o.eval_path)
         else:
             cut = _split_tail(train.shape[0], o.eval_fraction, o.path)
             self.splits = {"train": train[:cut], "eval": train[cut:]}
@@ -374,23 +398,18 @@ class TokenFileSource(DataSource):
                         f"token file {o.path!r} is too short: its {split} split has "
                         f"{arr.shape[0]} tokens, need at least {need} (seq_len + 1)"
                     )
+        # Once, over the whole file: an id that only ever appears as an input would
+        # otherwise reach jnp.take unchecked (NaN, misread as a learning-rate problem).
+        check_token_ids(train, o.vocab_size, o.path)
 
     @property
     def vocab_size(self) -> int:
         return self.options.vocab_size
 
     def batch(self, split: str, step: int, batch_size: int) -> Batch:
-        b = _random_windows(self.splits[split], self._rng(split, step), batch_size,
-                            self.config.seq_len)
-        # Out-of-range ids would be silently clamped by the embedding gather on device.
-        top = int(b["targets"].max(initial=0))
-        if top >= self.options.vocab_size:
-            path = self.options.eval_path if split == "eval" and self.options.eval_path else self.options.path
-            raise ValueError(
-                f"token file {path!r} holds token id {top} >= data.options.vocab_size="
-                f"{self.options.vocab_size}"
-            )
-        return b
+        # Ids were range-checked once when the files were opened (check_token_ids).
+        return _random_windows(self.splits[split], self._rng(split, step), batch_size,
+                               self.config.seq_len)
 
 
 # Image sources register themselves on import (kept in their own module for size).

@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 LN2 = math.log(2.0)
 
@@ -109,7 +108,3 @@ def summarize_eval(sums: dict[str, float], token_unit: str | None) -> dict[str, 
     if token_unit:
         out[f"eval/bits_per_{token_unit}"] = loss / LN2
     return out
-
-
-def all_finite(values: dict[str, float]) -> bool:
-    return all(np.isfinite(v) for v in values.values())

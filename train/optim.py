@@ -19,7 +19,10 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+import optax.contrib
 
 from train.config_args import dataclass_from_dict
 
@@ -37,11 +40,20 @@ class OptimConfig:
       min_lr_ratio: the final learning rate as a fraction of the peak.
       weight_decay: decoupled weight decay, applied to parameters with ndim >= 2 only
         (norm scales and biases are not decayed).
-      b1, b2, eps: Adam moments (for Muon: b1 is Muon's momentum, b1/b2 also drive the
-        Adam part that handles non-matrix parameters).
+      b1, b2, eps: Adam moments. Under Muon the non-matrix parameters (embedding,
+        output head, norm scales, biases, conv filters) are trained exactly as
+        optim.name="adamw" trains them: these b1/b2, no Nesterov, vectors not decayed.
       grad_clip_norm: clip the global gradient norm to this (None = no clipping).
       muon_learning_rate: peak rate of the Muon-updated matrices (optim.name="muon");
         the Adam-updated rest uses ``learning_rate``. Same warmup / decay shape.
+      muon_beta: Muon's momentum. 0.95 as in Jordan's reference, torch.optim.Muon and
+        optax (it is not b1: an earlier version reused b1 = 0.9).
+      muon_nesterov: Nesterov momentum ``(1-beta) g + beta m`` (all references: True).
+      muon_bias_correction: divide the momentum by ``1 - beta^t`` as optax.contrib.muon
+        does. False (default) is the reference (Jordan, torch): no correction, so the
+        first steps' momentum is small in norm, which orthogonalisation removes anyway
+        except through the Nesterov mix of g and m. True reproduces optax exactly.
+      muon_ns_steps: Newton-Schulz iterations (quintic 3.4445, -4.7750, 2.0315).
     """
 
     name: str = "adamw"
@@ -55,6 +67,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip_norm: float | None = 1.0
     muon_learning_rate: float = 0.02
+    muon_beta: float = 0.95
+    muon_nesterov: bool = True
+    muon_bias_correction: bool = False
+    muon_ns_steps: int = 5
 
     def __post_init__(self):
         if self.name not in _OPTIMIZERS:
@@ -69,6 +85,10 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"optim.grad_clip_norm must be > 0 or None, got {self.grad_clip_norm!r}")
+        if not 0.0 <= self.muon_beta < 1.0:
+            raise ValueError(f"optim.muon_beta must be in [0, 1), got {self.muon_beta!r}")
+        if self.muon_ns_steps < 1:
+            raise ValueError(f"optim.muon_ns_steps must be >= 1, got {self.muon_ns_steps!r}")
 
     @classmethod
     def from_dict(cls, d: Any) -> "OptimConfig":
@@ -102,14 +122,24 @@ def _adamw(c: OptimConfig, schedule: optax.Schedule, param_axes=None) -> optax.G
                        mask=_decay_mask)
 
 
+# Kernels map their first axis to the rest when it is one of these input-side names
+# ([D, N, H] q/k/v, [D, L] down-projections, [L, N, H] MLA up-projections, [F, D]),
+# and the rest to D when D is last ([N, H, D] out). Flax kernels put inputs first.
+_FAN_IN_AXES = ("embed", "latent", "mlp")
+
+
 def _muon_dims(params, param_axes=None):
     """Muon's reshape rule per parameter, read off the logical axis names; None = Adam.
 
-    A kernel whose first axis is EMBED maps D -> the rest ([D, N, H] q/k/v, [D, F]);
-    one whose last axis is EMBED maps the rest -> D ([N, H, D] out, [F, D]). Embedding
-    tables (VOCAB x EMBED), vectors and anything unannotated go to Adam: orthogonalised
-    updates suit hidden matrices, not lookup tables (Jordan et al.). Without axis names
-    every 2-D parameter except embeddings is treated as [in, out].
+    A kernel whose first axis is EMBED, LATENT or MLP maps that axis (fan-in) to the
+    rest (fan-out, flattened); one whose last axis is EMBED maps the rest to D. So every
+    hidden matrix of every mechanism, 3-D ones included (MLA's ``k_up``/``v_up``
+    ``[L, N, H]``), is orthogonalised as the ``fan_in x fan_out`` matrix it applies.
+    Embedding and output head (VOCAB), vectors, and CCA's convolution filters (a leading
+    unnamed taps axis: per-channel filters, not maps between feature spaces) go to
+    Adam: orthogonalised updates suit hidden matrices, not lookup tables (Jordan et
+    al.). A leading LAYERS axis (scan_layers) is a batch axis. Without axis names every
+    2-D parameter except embeddings is treated as [in, out].
     """
     from optax.contrib import MuonDimensionNumbers as Dims
 
@@ -117,11 +147,10 @@ def _muon_dims(params, param_axes=None):
 
     def rule(path, p, names):
         names = tuple(names) if names is not None else ()
-        # A leading LAYERS axis (scan_layers) is a batch axis to Muon: skip over it.
         lead = 1 if names[:1] == (axes.LAYERS,) else 0
         if p.ndim - lead < 2 or axes.VOCAB in names:
             return None
-        if len(names) > lead and names[lead] == axes.EMBED:
+        if len(names) > lead and names[lead] in _FAN_IN_AXES:
             return Dims(reduction_axis=(lead,), output_axis=tuple(range(lead + 1, p.ndim)))
         if len(names) > lead and names[-1] == axes.EMBED:
             return Dims(reduction_axis=tuple(range(lead, p.ndim - 1)), output_axis=(p.ndim - 1,))
@@ -141,16 +170,102 @@ def _muon_dims(params, param_axes=None):
         lambda path, p: rule(path, p, names_by_path.get(tuple(path))), params)
 
 
+# Jordan's quintic: maximises the slope at 0, so 5 steps push every singular value of
+# a Frobenius-normalised matrix (those not ~1e-3 below the largest) into roughly
+# [0.68, 1.2] rather than exactly to 1; Jordan found that does not hurt training.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g_BIO, steps: int = 5, eps: float = 1e-7):
+    """Approximate ``U V^T`` of each ``[I, O]`` matrix of ``g_BIO`` ([batch, I, O]).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> o = newton_schulz(jax.random.normal(jax.random.key(0), (2, 6, 10)))
+      >>> s = jnp.linalg.svd(o, compute_uv=False)  # [2, 6]: all near 1, none exactly
+      >>> o.shape, bool(jnp.all((s > 0.6) & (s < 1.25)))
+      ((2, 6, 10), True)
+    """
+    a, b, c = NS_COEFFS
+    wide = g_BIO.shape[-2] <= g_BIO.shape[-1]
+    # Iterate on the wide orientation: the Gram matrix X X^T is then the smaller one.
+    x = g_BIO if wide else g_BIO.swapaxes(-1, -2)
+    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.swapaxes(-1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.swapaxes(-1, -2)
+
+
+def _orthogonalize(u, dims, steps, eps):
+    """Reshape by ``dims`` to [batch, fan_in, fan_out], orthogonalise, scale, undo."""
+    red = tuple(np.atleast_1d(dims.reduction_axis) % u.ndim)
+    out = tuple(np.atleast_1d(dims.output_axis) % u.ndim)
+    batch = tuple(i for i in range(u.ndim) if i not in red + out)
+    perm = batch + red + out
+    moved = u.transpose(perm)
+    fan_in = int(np.prod([u.shape[i] for i in red]))
+    fan_out = int(np.prod([u.shape[i] for i in out]))
+    o = newton_schulz(moved.reshape(-1, fan_in, fan_out), steps, eps)
+    # Jordan's shape factor (torch's adjust_lr_fn="original", optax's default).
+    o = o * np.sqrt(max(1.0, fan_out / fan_in))
+    return o.reshape(moved.shape).transpose(np.argsort(perm))
+
+
+def scale_by_muon(dims_fn, *, beta=0.95, nesterov=True, bias_correction=False,
+                  ns_steps=5, eps=1e-7) -> optax.GradientTransformation:
+    """Momentum, then Newton-Schulz orthogonalisation per ``dims_fn(updates)`` leaf.
+
+    Written from the math of Jordan's reference: ``m <- beta m + (1-beta) g``; the
+    direction is ``(1-beta) g + beta m`` (Nesterov) or ``m``; with ``bias_correction``
+    m and g are divided by ``1-beta^(t+1)`` and ``1-beta^t`` as optax.contrib.muon does.
+    """
+
+    def init_fn(params):
+        return optax.contrib.MuonState(count=jnp.zeros([], jnp.int32),
+                                       mu=jax.tree.map(jnp.zeros_like, params),
+                                       ns_coeffs=jnp.asarray(NS_COEFFS))
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g, state.mu, updates)
+        t = state.count + 1
+        if bias_correction:
+            cm, cg = 1 - beta ** (t + 1).astype(jnp.float32), 1 - beta ** t.astype(jnp.float32)
+        else:
+            cm = cg = 1.0
+        if nesterov:
+            direction = jax.tree.map(lambda m, g: beta * m / cm + (1 - beta) * g / cg, mu, updates)
+        else:
+            direction = jax.tree.map(lambda m: m / cg, mu)
+        is_dims = lambda x: isinstance(x, optax.contrib.MuonDimensionNumbers)
+        out = jax.tree.map(lambda d, u: _orthogonalize(u, d, ns_steps, eps),
+                           dims_fn(updates), direction, is_leaf=is_dims)
+        return out, optax.contrib.MuonState(count=t, mu=mu, ns_coeffs=state.ns_coeffs)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 @register_optimizer("muon")
 def _muon(c: OptimConfig, schedule: optax.Schedule, param_axes=None) -> optax.GradientTransformation:
-    from optax.contrib import muon
-
     ratio = c.muon_learning_rate / c.learning_rate
-    return muon(lambda step: schedule(step) * ratio, beta=c.b1, eps=c.eps,
-                weight_decay=c.weight_decay, weight_decay_mask=_decay_mask,
-                adam_b1=c.b1, adam_b2=c.b2, adam_weight_decay=c.weight_decay,
-                adam_learning_rate=schedule,
-                muon_weight_dimension_numbers=lambda params: _muon_dims(params, param_axes))
+    dims_fn = lambda tree: _muon_dims(tree, param_axes)
+
+    def labels(params):
+        is_dims = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+        return jax.tree.map(lambda d: "adam" if d is None else "muon", dims_fn(params),
+                            is_leaf=is_dims)
+
+    muon_part = optax.chain(
+        # Inside partition() the Adam leaves arrive as MaskedNode (empty subtrees), so
+        # dims_fn's tree has the same structure as the masked updates.
+        scale_by_muon(dims_fn, beta=c.muon_beta, nesterov=c.muon_nesterov,
+                      bias_correction=c.muon_bias_correction, ns_steps=c.muon_ns_steps),
+        # Muon-updated leaves are all matrices, so no mask is needed here.
+        optax.add_decayed_weights(c.weight_decay),
+        optax.scale_by_learning_rate(lambda step: schedule(step) * ratio),
+    )
+    return optax.partition({"muon": muon_part, "adam": _adamw(c, schedule)}, labels)
 
 
 def make_schedule(config: OptimConfig, num_steps: int) -> optax.Schedule:

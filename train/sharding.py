@@ -200,11 +200,27 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     """
     out = {}
     for name, x in batch.items():
+        _check_divides(name, x.shape, sharding)
         spec = P(*sharding.spec[: x.ndim])
         sh = NamedSharding(sharding.mesh, spec)
         rows = _local_rows(sh, x.shape)
         out[name] = jax.make_array_from_process_local_data(sh, x[rows], x.shape)
     return out
+
+
+def _check_divides(name: str, shape: tuple[int, ...], sharding: NamedSharding) -> None:
+    """One line naming the numbers when a batch array does not split evenly on the mesh.
+
+    Refused rather than replicated: an uneven batch means the caller's batch size and the
+    mesh disagree, and jax's own error is a multi-line IndivisibleError about tilings.
+    """
+    for dim, part in enumerate(sharding.spec[: len(shape)]):
+        names = (part,) if isinstance(part, str) else tuple(part or ())
+        n = math.prod(sharding.mesh.shape[a] for a in names)
+        if shape[dim] % n:
+            what = "batch" if dim == 0 else "sequence" if dim == 1 else f"dim {dim}"
+            raise ValueError(f"put_batch: {name!r} has {what} size {shape[dim]}, which does not "
+                             f"divide into the {n} shards of mesh axes {names}")
 
 
 def _local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:

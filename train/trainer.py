@@ -3,11 +3,15 @@
 What one call does, in order:
   1. validate every config section into its dataclass (before anything compiles);
   2. build the data source (file errors surface here), the mesh and the optimizer;
+     (the workdir and checkpoint folder are proven writable before anything compiles);
   3. create the train state already sharded (``jit(init, out_shardings=...)``), or
-     restore the latest checkpoint in ``workdir/checkpoints``;
+     restore the newest checkpoint in ``workdir/checkpoints`` that passes its checksum
+     (``train/checkpoint.py``; damaged steps are moved aside, named in one line);
   4. loop: batch = source(seed, step) -> jitted, donated train step; metrics are pulled
      to the host every ``log_every`` steps (and before every save), checked for
-     non-finite values, written to tensorboard and the progress bar;
+     non-finite values, written to tensorboard and the progress bar; a save refuses a
+     state with NaN/inf in it, so the newest checkpoint is always one to continue from;
+     SIGINT / SIGTERM finish the current step, save it and raise ``TrainingInterrupted``;
   5. evaluate every ``eval_every`` steps and at the end; return the final metrics.
 
 Example:
@@ -26,6 +30,8 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -39,7 +45,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from train import context_parallel as cpl
 from train import sharding as shd
 from train import tasks
-from train.checkpoint import CheckpointConfig, Checkpointer
+from train.checkpoint import (CheckpointConfig, Checkpointer, NonFiniteStateError,
+                              all_processes_agree, check_writable)
 from train.config_args import dataclass_from_dict
 from train.data import DataConfig, DataSource, make_source
 from train.distributed import DistributedConfig
@@ -50,7 +57,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training hit a NaN/inf loss or gradient norm; the bad state was not saved.
+    """Training hit a NaN/inf loss, gradient norm or state; the bad state was not saved.
 
     Attributes: step (1-based update number), metrics (that step's values),
     last_checkpoint (step of the last good checkpoint, or None).
@@ -59,6 +66,21 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, *, step: int, metrics: dict, last_checkpoint: int | None):
         super().__init__(message)
         self.step, self.metrics, self.last_checkpoint = step, metrics, last_checkpoint
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped training after a step; that step was saved (if enabled).
+
+    A ``KeyboardInterrupt`` so that code which handles Ctrl-C keeps doing so.
+    Attributes: step (updates applied), checkpoint (step saved, or None), signum.
+    """
+
+    def __init__(self, message: str, *, step: int, checkpoint: int | None, signum: int):
+        super().__init__(message)
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,30 +390,39 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     Raises:
       ValueError: a config key or value is invalid (before anything compiles).
-      NonFiniteLossError: the loss or gradient norm became NaN/inf.
+      NonFiniteLossError: the loss, gradient norm or saved state became NaN/inf.
+      train.checkpoint.CheckpointError: the workdir cannot be written, a save failed, or
+        checkpoints exist but none is loadable (one line each).
+      TrainingInterrupted: SIGINT / SIGTERM; the current step was saved first.
     """
     t_start = time.time()
     exp = parse_config(config)
     source = make_source(exp.data)
     _check_compatible(exp, source)
+    # Before compiling: a folder that cannot be written must not cost a run up to its
+    # first save (CheckpointError, one line).
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    check_writable(workdir, "workdir")
+    if exp.checkpoint.enabled:
+        check_writable(ckpt_dir, "checkpoint directory")
     batch_sharding = shd.batch_sharding(shd.make_mesh(exp.mesh), exp.mesh.logical_rules)
     _check_batch_divisible("batch_size", exp.data.batch_size, batch_sharding)
     _check_batch_divisible("eval_batch_size", exp.data.eval_batch_size or exp.data.batch_size,
                            batch_sharding)
     c = _compiled_for(exp)
 
-    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(exp), f, indent=2, default=str)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), exp.checkpoint)
+    ckpt = Checkpointer(ckpt_dir, exp.checkpoint)
     writer = ScalarWriter(os.path.join(workdir, "tb"))
     bar = None
     try:
         with jax.set_mesh(c.mesh), nn.logical_axis_rules(c.rules):
             state, start = _init_or_restore(c, ckpt, exp)
             bar = _progress(exp, start)
-            state, last = _train_loop(c, exp, source, state, start, ckpt, writer, bar)
+            with _StopOnSignal() as stop:
+                state, last = _train_loop(c, exp, source, state, start, ckpt, writer, bar, stop)
             result = {"step": exp.train.num_steps, **last}
             result.update(_evaluate(c, state["params"], source, exp))
         writer.write(exp.train.num_steps, {k: v for k, v in result.items() if k.startswith("eval/")})
@@ -407,12 +438,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
 
 def _init_or_restore(c: _Compiled, ckpt: Checkpointer, exp: Experiment):
-    """A freshly initialised sharded state, or the latest checkpoint's; and its step."""
-    latest = ckpt.latest_step()
-    if latest is None:
+    """A freshly initialised sharded state, or the newest good checkpoint's; and its step."""
+    restored = ckpt.restore_latest(c.abstract_state)
+    if restored is None:
         state = c.init(jax.random.key(exp.train.seed))
         return state, 0
-    state, data_state = ckpt.restore(latest, c.abstract_state)
+    state, data_state, _ = restored
     if (data_state.get("seed"), data_state.get("source")) != (exp.data.seed, exp.data.source):
         log.warning("resuming with data seed/source %s, checkpoint has %s: batches will differ "
                     "from the original run", (exp.data.seed, exp.data.source),
@@ -422,7 +453,48 @@ def _init_or_restore(c: _Compiled, ckpt: Checkpointer, exp: Experiment):
     return state, step
 
 
-def _train_loop(c, exp, source, state, start, ckpt, writer, bar):
+class _StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to stop after the current step.
+
+    Between steps the state is consistent, so that is where a save can happen; the
+    handler only records the signal. It then puts the previous handlers back, so a
+    second Ctrl-C interrupts at once (the last complete checkpoint stays). Signal
+    handlers exist only in the main thread; elsewhere this is a no-op.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def requested(self, sync_point: bool) -> bool:
+        """Stop now? Checked after every step; with several processes only at sync points,
+        where all of them agree (one process saving alone would hang the others)."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        return sync_point and not all_processes_agree(self.signum is None)
+
+
+def _train_loop(c, exp, source, state, start, ckpt, writer, bar, stop: _StopOnSignal):
     """Steps ``start..num_steps``; returns (state, last logged train metrics)."""
     tcfg, B, T = exp.train, exp.data.batch_size, exp.data.seq_len
     pending: list[tuple[int, dict]] = []  # device metrics not yet pulled to the host
@@ -439,10 +511,12 @@ def _train_loop(c, exp, source, state, start, ckpt, writer, bar):
         is_last = done == tcfg.num_steps
         save_now = exp.checkpoint.enabled and (done % exp.checkpoint.every_steps == 0 or is_last)
         eval_now = tcfg.eval_every and done % tcfg.eval_every == 0 and not is_last
-        if not (done % tcfg.log_every == 0 or is_last or save_now or eval_now):
+        sync_point = done % tcfg.log_every == 0 or is_last or save_now or eval_now
+        interrupted = stop.requested(sync_point)
+        if not (sync_point or interrupted):
             continue
         # Pulling metrics syncs with the device, so it happens only every log_every
-        # steps -- and always before a save, so a non-finite state is never written.
+        # steps -- and always before a save, so a non-finite loss is never written.
         host = jax.device_get(pending)
         pending.clear()
         for s, m in host:
@@ -454,24 +528,50 @@ def _train_loop(c, exp, source, state, start, ckpt, writer, bar):
         last["train/tokens_per_s"] = tokens_per_s
         writer.write(done, last)
         bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        if eval_now:
+        if eval_now and not interrupted:
             ev = _evaluate(c, state["params"], source, exp)
             writer.write(done, ev)
             _say(bar, f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-        if save_now:
-            ckpt.save(done, state, {"step": done, "seed": exp.data.seed, "source": exp.data.source})
+        if save_now or (interrupted and exp.checkpoint.enabled):
+            try:
+                # The update of this very step can still have written inf into the
+                # parameters (loss and grad norm are computed before it): save checks.
+                ckpt.save(done, state, {"step": done, "seed": exp.data.seed, "source": exp.data.source})
+            except NonFiniteStateError as e:
+                _stop_non_finite(done, m, ckpt, bar, state_leaves=e.leaves)
         writer.flush()
+        if interrupted:
+            _stop_interrupted(done, stop.signum, ckpt, exp, bar)
         t_last, steps_since = time.time(), 0  # eval and save time do not count as training
     return state, last
 
 
-def _stop_non_finite(step: int, m: dict, ckpt: Checkpointer, bar) -> None:
+def _stop_interrupted(step: int, signum: int | None, ckpt: Checkpointer, exp: Experiment, bar) -> None:
+    """Wait for the save of ``step`` and raise TrainingInterrupted (one line)."""
+    ckpt.wait()
+    name = signal.Signals(signum).name if signum else "a signal"
+    if exp.checkpoint.enabled:
+        where = f"saved checkpoint step {step} in {ckpt.directory}; run the same command again to resume"
+    else:
+        where = f"not saved (checkpoint.enabled=False); last checkpoint: {ckpt.latest_step()}"
+    msg = f"interrupted by {name} after step {step}: {where}"
+    raise TrainingInterrupted(msg, step=step, checkpoint=step if exp.checkpoint.enabled else None,
+                              signum=signum or signal.SIGINT)
+
+
+def _stop_non_finite(step: int, m: dict, ckpt: Checkpointer, bar, state_leaves=None) -> None:
     """Log, let any in-flight save finish, and raise NonFiniteLossError."""
     ckpt.wait()
     good = ckpt.latest_step()
     where = f"step {good} in {ckpt.directory}" if good is not None else "none (no checkpoint was saved yet)"
-    msg = (f"non-finite loss at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']}, "
-           f"lr={m['lr']:.3g}. Training stopped; the non-finite state was not saved. "
+    if state_leaves:
+        what = (f"non-finite state after the update of step {step} in {len(state_leaves)} arrays "
+                f"(first: {state_leaves[0]}) although loss={m['loss']:.4g} and "
+                f"grad_norm={m['grad_norm']:.4g} were finite, lr={m['lr']:.3g}")
+    else:
+        what = (f"non-finite loss at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']}, "
+                f"lr={m['lr']:.3g}")
+    msg = (f"{what}. Training stopped; the non-finite state was not saved. "
            f"Last good checkpoint: {where}. Try a lower optim.learning_rate, a tighter "
            f"optim.grad_clip_norm, or model.dtype='float32'.")
     log.error(msg)

@@ -7,10 +7,17 @@ Registered implementations:
                            Hopper (Mosaic GPU) kernel of ``kernels_pallas/flash/gpu.py``
                            once that module exists and accepts the call, else the
                            Pallas Triton kernel; needs ``platform == "gpu"``.
+* ``pallas_triton``        the Pallas Triton kernel alone; needs ``platform == "gpu"``.
+* ``pallas_mosaic_gpu``    the Mosaic GPU (Hopper, sm90) kernel alone.
 * ``pallas_tpu_interpret`` the same TPU kernel run with ``pltpu.InterpretParams()``;
-* ``pallas_gpu_interpret`` the same GPU resolution run with ``interpret=True`` (the
-                           Triton kernel: the Mosaic GPU module refuses interpret mode
-                           on JAX 0.10, whose GPU interpreter cannot run it).
+* ``pallas_triton_interpret`` the Triton kernel with ``interpret=True``;
+* ``pallas_gpu_interpret`` the same GPU resolution run with ``interpret=True``: always
+                           the Triton kernel, since the Mosaic GPU module refuses
+                           interpret mode on JAX 0.10 (its GPU interpreter cannot run it).
+                           There is therefore no ``pallas_mosaic_gpu_interpret``.
+
+``pallas_gpu`` is an alias: it logs once which kernel it resolved to and why the
+Mosaic GPU kernel refused.
 
 **Interpret mode is part of the contract:** the ``*_interpret`` names run the exact
 kernel code on any platform (``supports()`` returns None on CPU), for tests and for CPU
@@ -148,12 +155,38 @@ def resolve_gpu_kernel(call: core.AttentionCall, *, interpret: bool = False):
         reason = cand.supports(call, interpret=interpret)
         if reason is None:
             name = getattr(cand, "name", getattr(cand, "__name__", "?"))
-            if name not in _LOGGED:
-                _LOGGED.add(name)
-                log.info("pallas_gpu resolved to the %s kernel", name)
+            # Logged once per (kernel, refusals) with why the better one refused: the
+            # Hopper kernel's reason (wrong GPU, dtype, interpret) must not be dropped.
+            key = f"{name}|{interpret}|{'; '.join(reasons)}"
+            if key not in _LOGGED:
+                _LOGGED.add(key)
+                log.info("pallas_gpu%s resolved to the %s kernel (refused: %s)",
+                         "_interpret" if interpret else "", name, "; ".join(reasons) or "none")
             return cand, None
         reasons.append(f"{getattr(cand, 'name', getattr(cand, '__name__', '?'))}: {reason}")
     return None, "; ".join(reasons)
+
+
+def _mosaic_module():
+    return importlib.import_module("kernels_pallas.flash.gpu")
+
+
+def _kernel_supports(get_kernel, interpret: bool):
+    """``supports`` of one named GPU kernel (no resolution between kernels)."""
+    def supports(call: core.AttentionCall) -> str | None:
+        if not interpret and call.platform != "gpu":
+            return f"needs a GPU (platform is {call.platform})"
+        return get_kernel().supports(call, interpret=interpret)
+    return supports
+
+
+def _kernel_fn(get_kernel, interpret: bool):
+    def fn(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse):
+        if bias is not None:
+            raise NotImplementedError(BIAS_REASON)
+        return get_kernel().attention(q, k, v, mask=mask, scale=scale, softcap=softcap,
+                                      sinks=sinks, interpret=interpret)
+    return fn
 
 
 def _gpu_supports(interpret: bool):
@@ -179,7 +212,7 @@ def _gpu_fn(interpret: bool):
 
 
 def register() -> None:
-    """(Re-)register the four implementations with ``attn.core`` (runs on import).
+    """(Re-)register the Pallas implementations with ``attn.core`` (runs on import).
 
     Example:
       >>> from attn import core
@@ -191,6 +224,14 @@ def register() -> None:
     core.register_impl("pallas_tpu_interpret", _tpu_fn(True), _tpu_supports(True))
     core.register_impl("pallas_gpu", _gpu_fn(False), _gpu_supports(False))
     core.register_impl("pallas_gpu_interpret", _gpu_fn(True), _gpu_supports(True))
+    # Each GPU kernel under its own name. No pallas_mosaic_gpu_interpret: JAX 0.10's GPU
+    # interpreter cannot run the Mosaic GPU kernel (gpu.INTERPRET_REASON).
+    triton = lambda: _TritonKernel  # noqa: E731
+    core.register_impl("pallas_triton", _kernel_fn(triton, False), _kernel_supports(triton, False))
+    core.register_impl("pallas_triton_interpret", _kernel_fn(triton, True),
+                       _kernel_supports(triton, True))
+    core.register_impl("pallas_mosaic_gpu", _kernel_fn(_mosaic_module, False),
+                       _kernel_supports(_mosaic_module, False))
 
 
 register()

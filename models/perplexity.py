@@ -1,0 +1,126 @@
+"""Perplexity of a pretrained model on the embedded English text (Python's pydoc topics).
+
+The text is ``train.data.pydoc_corpus_bytes()`` (the corpus the ``text`` config trains
+on, shipped with CPython), decoded as UTF-8 and tokenized with the model's tokenizer
+(no BOS). It is cut into **non-overlapping windows** of ``--window`` tokens; every
+window is scored from a fresh context, so token ``i`` of a window is predicted from the
+``i`` tokens before it in that window and the first token of each window is context
+only. A run over ``N`` tokens thus scores ``N - ceil(N / window)`` predictions. (Sliding
+windows would give each prediction more context and a lower perplexity for the same
+model; non-overlapping ones cost one forward pass per token.)
+
+The last line printed is ``tokens <n> mean_nll <nats> perplexity <exp(mean_nll)>``.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from models.transformer import LMConfig, Transformer
+  >>> from models.perplexity import score_windows
+  >>> cfg = LMConfig(vocab_size=16, d_model=16, num_layers=1, num_heads=2, dtype="float32")
+  >>> v = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  >>> n, nll = score_windows(cfg, v, list(range(10)), window=4)
+  >>> n
+  7
+
+Command line (``attnlab perplexity`` is the same ``main``)::
+
+  python -m models.perplexity --model smollm2-135m [--max-tokens N] [--window 512] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.transformer import LMConfig, Transformer
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _window_nll(config, variables, tokens_BT, mask_BT):
+    """Summed next-token NLL (float32) and count over the real (mask) positions."""
+    logits, _ = Transformer(config).apply(variables, tokens_BT, segment_ids_BT=mask_BT.astype(jnp.int32))
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll_BT = -jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    valid = mask_BT[:, 1:] & mask_BT[:, :-1]
+    return jnp.sum(jnp.where(valid, nll_BT, 0.0)), jnp.sum(valid)
+
+
+def score_windows(config: LMConfig, params, ids: Sequence[int], *, window: int = 512, batch: int = 4,
+                  progress: bool = False) -> tuple[int, float]:
+    """``(predictions scored, summed NLL in nats)`` over non-overlapping windows of ``ids``.
+
+    Windows are right-padded (segment 0) to ``window`` so one compiled shape serves all.
+    """
+    if not (isinstance(window, int) and window >= 2):
+        raise ValueError(f"perplexity: window must be an int >= 2, got {window!r}")
+    if len(ids) < 2:
+        raise ValueError(f"perplexity: need at least 2 tokens, got {len(ids)}")
+    variables = params if "params" in params else {"params": params}
+    chunks = [ids[i:i + window] for i in range(0, len(ids), window)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    total, count = 0.0, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(c) for c in chunks), unit="tok", file=sys.stderr, desc="scoring")
+    for i in range(0, len(chunks), batch):
+        group = chunks[i:i + batch]
+        toks = np.zeros((batch, window), np.int32)
+        mask = np.zeros((batch, window), bool)
+        for b, c in enumerate(group):
+            toks[b, :len(c)], mask[b, :len(c)] = c, True
+        s, n = _window_nll(config, variables, jnp.asarray(toks), jnp.asarray(mask))
+        total, count = total + float(s), count + int(n)
+        if bar is not None:
+            bar.update(sum(len(c) for c in group))
+    if bar is not None:
+        bar.close()
+    return count, total
+
+
+def corpus_text() -> str:
+    """The pydoc corpus as text (the bytes ``train.data`` trains on)."""
+    from train.data import pydoc_corpus_bytes
+
+    return pydoc_corpus_bytes().tobytes().decode("utf-8", errors="replace")
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m models.perplexity`` / ``attnlab perplexity``."""
+    p = argparse.ArgumentParser(prog="python -m models.perplexity",
+                                description="Perplexity on the embedded pydoc English text.")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="short name (smollm2-135m), a .gguf file or a Hugging Face directory")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--window", type=int, default=512, help="non-overlapping window length")
+    p.add_argument("--batch", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args(argv)
+    from models import pretrained
+
+    try:
+        if args.max_tokens is not None and args.max_tokens < 2:
+            raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+        pre = pretrained.load(args.model, dtype=jnp.dtype(args.dtype))
+        ids = pre.tokenizer.encode(corpus_text(), add_special_tokens=False)
+        ids = ids[:args.max_tokens] if args.max_tokens else ids
+        n, total = score_windows(pre.config, pre.params, ids, window=args.window, batch=args.batch,
+                                 progress=True)
+    except ValueError as e:
+        print(f"perplexity: {e}", file=sys.stderr)
+        return 2
+    nll = total / n
+    print(f"model {args.model}, {len(ids)} tokens of pydoc text, windows of {args.window}")
+    print(f"tokens {n} mean_nll {nll:.4f} perplexity {math.exp(nll):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
