@@ -235,8 +235,10 @@ def cache_nbytes(cache) -> int:
 
 
 def _full_caches(caches) -> list:
-    return [c for c in jax.tree_util.tree_leaves(caches, is_leaf=lambda x: isinstance(x, KVCache))
-            if isinstance(c, KVCache)]
+    # Caches that can overflow: the full KVCache, and any cache defining
+    # ``overflow_pair() -> int32 [2]`` (appended, capacity), e.g. attn.paged_cache.
+    can = lambda x: isinstance(x, KVCache) or hasattr(x, "overflow_pair")
+    return [c for c in jax.tree_util.tree_leaves(caches, is_leaf=can) if can(c)]
 
 
 def overflow_state(caches) -> Array:
@@ -252,9 +254,12 @@ def overflow_state(caches) -> Array:
     """
     worst = jnp.zeros((2,), jnp.int32)
     for c in _full_caches(caches):
-        length = jnp.max(c.length)  # scanned layers stack one length per repeat
-        cand = jnp.stack([length, jnp.int32(c.capacity)]).astype(jnp.int32)
-        worse = (length - c.capacity) > (worst[0] - worst[1])
+        if hasattr(c, "overflow_pair"):
+            cand = c.overflow_pair()
+        else:
+            length = jnp.max(c.length)  # scanned layers stack one length per repeat
+            cand = jnp.stack([length, jnp.int32(c.capacity)]).astype(jnp.int32)
+        worse = (cand[0] - cand[1]) > (worst[0] - worst[1])
         worst = jnp.where(worse, cand, worst)
     return worst
 

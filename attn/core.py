@@ -466,3 +466,4 @@ register_impl("xla", xla_attention, _xla_supports, auto_declines=_xla_auto_decli
 from attn import chunked as _chunked  # noqa: E402,F401
 from attn import cudnn as _cudnn  # noqa: E402,F401
 from kernels_pallas.flash import register as _flash_register  # noqa: E402,F401
+from kernels_pallas.decode import register as _decode_register  # noqa: E402,F401

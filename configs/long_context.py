@@ -4,9 +4,9 @@ Run on forced CPU devices (XLA_FLAGS must be set before JAX starts, hence on the
 command line; without it the mesh reports "mesh.num_devices=4: have 1 devices"):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
-        python -m train --config configs/long_context.py --workdir runs/long
+        attnlab train --config long_context --workdir runs/long
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
-        python -m train --config configs/long_context.py:strategy=ulysses --workdir runs/long-ulysses
+        attnlab train --config long_context:strategy=ulysses --workdir runs/long-ulysses
 
 On a machine with 4 or more accelerators drop XLA_FLAGS. Mesh ``(data 1, fsdp 1,
 context 4, tensor 1)`` on the first ``context`` devices: every attention layer runs
@@ -34,11 +34,10 @@ the last 5% held out); its optimizer and loop settings too, overridden here only
 the long sequence needs it.
 """
 
-import importlib.util
-import os
-
 from ml_collections import ConfigDict
 
+from attn.errors import UserError
+from configs import common, text
 from train.config_args import check_choice, parse_arg_string
 from train.context_parallel import STRATEGIES
 
@@ -53,15 +52,6 @@ ARGS = {
 }
 
 
-def _text_config(arg: str) -> ConfigDict:
-    """configs/text.py's experiment (loaded by path: configs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "_text_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "text.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def get_config(arg: str | None = None) -> ConfigDict:
     """The long-context experiment; ``arg`` is ``"strategy=ulysses,steps=20"`` style overrides.
 
@@ -72,9 +62,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     check_choice("strategy", a["strategy"], tuple(sorted(STRATEGIES)))
     cp = a["context"]
     if a["seq"] % (2 * cp):
-        raise ValueError(f"config argument seq={a['seq']} must divide by 2·context={2 * cp} (zigzag)")
+        raise UserError(f"config argument seq={a['seq']} must divide by 2·context={2 * cp} (zigzag)")
 
-    c = _text_config(f"attn={a['attn']},steps={a['steps']},seed={a['seed']}")
+    c = text.get_config(f"attn={a['attn']},steps={a['steps']},seed={a['seed']}")
     # 4 heads: ulysses (N % cp) and hybrid (u = 2 at cp 4) both divide them.
     c.model.update(dict(d_model=64, num_layers=2, num_heads=4))
     # One sequence per step: data x fsdp = 1, so the batch is not split; the sequence
@@ -83,7 +73,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # Eval only at the end: each 8192-token eval batch costs about a step.
     c.train.update(dict(log_every=10, eval_every=0, eval_steps=2))
     # num_devices: the mesh takes the first cp devices, so a host with more still runs it.
-    c.mesh = ConfigDict(dict(shape=(1, 1, cp, 1), rules=None, num_devices=cp))
+    c.mesh = common.mesh((1, 1, cp, 1), num_devices=cp)
     c.context_parallel = ConfigDict(dict(
         strategy=a["strategy"],
         ulysses_degree=None,  # hybrid: cp's largest proper divisor (2 x 2 at cp 4)

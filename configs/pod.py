@@ -3,7 +3,7 @@
 Run on a pod slice (every host runs the same command; ``jax.distributed`` finds the
 others), with your own tokens (raw uint16 array, ``arr.astype(np.uint16).tofile(path)``):
 
-    python -m train --config configs/pod.py:data=/data/tokens.bin,vocab=32000 --workdir runs/pod
+    attnlab train --config pod:data=/data/tokens.bin,vocab=32000 --workdir runs/pod
 
 Without ``data=`` it trains on the embedded byte corpus (vocab 256 inside the 32k
 table): a smoke run of the full stack, not a meaningful experiment. Validate the layout
@@ -61,6 +61,8 @@ Every default lives in this file.
 
 from ml_collections import ConfigDict
 
+from attn.errors import UserError
+from configs import common
 from train.config_args import check_choice, parse_arg_string
 
 ARGS = {
@@ -109,9 +111,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     check_choice("token_dtype", a["token_dtype"], ("uint16", "uint32"))
     check_choice("cp", a["cp"], ("ring", "all_gather", "ulysses", "hybrid"))
     if a["ulysses"] and a["cp"] != "hybrid":
-        raise ValueError(f"config argument ulysses={a['ulysses']} only applies to cp=hybrid")
+        raise UserError(f"config argument ulysses={a['ulysses']} only applies to cp=hybrid")
     if not 1 <= a["vocab"] <= VOCAB:
-        raise ValueError(f"config argument vocab={a['vocab']} must be in [1, {VOCAB}] (the model's table)")
+        raise UserError(f"config argument vocab={a['vocab']} must be in [1, {VOCAB}] (the model's table)")
 
     c = ConfigDict()
     c.model = ConfigDict(dict(
@@ -137,9 +139,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
         impl=a["impl"],
     ))
     if a["data"] == "text":
-        data_source, options = "text", dict(eval_fraction=0.05)
+        data_source, options, c.metric = "text", dict(eval_fraction=0.05), "bits_per_byte"
     else:
-        data_source = "tokens"
+        data_source, c.metric = "tokens", "loss"
         options = dict(path=a["data"], vocab_size=a["vocab"], dtype=a["token_dtype"], eval_fraction=0.01)
     c.data = ConfigDict(dict(
         source=data_source,
@@ -149,30 +151,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
         seed=a["seed"],
         options=options,
     ))
-    c.optim = ConfigDict(dict(
-        name="adamw",
-        learning_rate=3e-4,
-        warmup_steps=min(2000, a["steps"] // 10),
-        decay_steps=None,
-        min_lr_ratio=0.1,
-        weight_decay=0.1,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        grad_clip_norm=1.0,
-    ))
-    c.train = ConfigDict(dict(
-        num_steps=a["steps"],
-        log_every=10,
-        eval_every=1000,
-        eval_steps=20,
-        seed=a["seed"],
-        aux_loss_weight=0.0,
-        progress_bar=True,
-    ))
+    c.optim = common.optim(steps=a["steps"], warmup_max=2000, warmup_div=10, learning_rate=3e-4, b2=0.95)
+    c.train = common.train(steps=a["steps"], seed=a["seed"], log_every=10, eval_every=1000, eval_steps=20,
+                           aux_loss_weight=0.0)
     # (data, fsdp, context, tensor); default rules: embed -> fsdp, heads/mlp/vocab -> tensor,
     # length -> context.
-    c.mesh = ConfigDict(dict(shape=(-1, a["fsdp"], a["context"], a["tensor"]), rules=None))
+    c.mesh = common.mesh((-1, a["fsdp"], a["context"], a["tensor"]))
     # Inert while mesh context == 1. Ring by default: no head-count limit and K/V memory
     # O(T / cp); at this model's 16 query heads Ulysses stops at cp = 16 (docs/scaling.md).
     c.context_parallel = ConfigDict(dict(
@@ -181,5 +165,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
         zigzag=None,  # causal LM: zigzag load balancing on
         impl=None,    # the layers' own impl on local shards
     ))
-    c.checkpoint = ConfigDict(dict(enabled=True, every_steps=1000, max_to_keep=3, async_save=True))
+    c.checkpoint = common.checkpoint(every_steps=1000, max_to_keep=3)
     return c

@@ -1,8 +1,15 @@
-"""Byte-level LM on Python's own ``pydoc_data.topics`` (about 466k bytes; nothing downloaded).
+"""Byte-level LM on Python's own ``pydoc_data.topics`` (about 466k bytes; nothing downloaded),
+or an LM on a token file of your own.
 
-Run (about two minutes on 2 CPU cores; reports eval bits per byte):
+Run (about two minutes on 2 CPU cores; reports eval bits per byte, printed last as
+FINAL EVAL BITS_PER_BYTE):
 
-    python -m train --config configs/text.py:size=S --workdir runs/text
+    attnlab train --config text:size=S --workdir runs/text
+
+Your own tokens (a raw uint16 / uint32 array, ``arr.astype(np.uint16).tofile(path)``;
+the last 5% is held out; reports the eval loss in nats per token, FINAL EVAL LOSS):
+
+    attnlab train --config text:data=/path/tokens.bin,vocab=32000 --workdir runs/mytext
 
 Arguments after ``:`` (comma separated key=value):
   attn    a registry name (mha, gqa, mqa, ...)   attention of every layer
@@ -10,6 +17,10 @@ Arguments after ``:`` (comma separated key=value):
   steps   int                                    training steps
   seed    int                                    init and data seed
   dtype   float32 | bfloat16                     compute dtype (float32 is faster on CPU)
+  data    text | PATH                            the embedded corpus or a token file
+  vocab   int                                    data=PATH: ids lie in [0, vocab); the
+                                                 model's vocabulary (text: always 256)
+  token_dtype uint16 | uint32                    data=PATH: element type of the file
 
 The last 5% of the corpus is held out; eval uses the same random windows every time.
 Every default lives in this file.
@@ -17,7 +28,9 @@ Every default lives in this file.
 
 from ml_collections import ConfigDict
 
-from train.config_args import check_choice, parse_arg_string
+from attn.errors import UserError
+from configs import common
+from train.config_args import check_at_least, check_choice, parse_arg_string
 
 ARGS = {
     "attn": "mha",
@@ -25,6 +38,9 @@ ARGS = {
     "steps": 600,
     "seed": 0,
     "dtype": "float32",
+    "data": "text",
+    "vocab": 256,
+    "token_dtype": "uint16",
 }
 
 # d_model, num_layers, num_heads, seq_len, batch_size
@@ -39,11 +55,22 @@ def get_config(arg: str | None = None) -> ConfigDict:
     a = parse_arg_string(arg, ARGS)
     check_choice("size", a["size"], tuple(SIZES))
     check_choice("dtype", a["dtype"], ("float32", "bfloat16"))
+    check_choice("token_dtype", a["token_dtype"], ("uint16", "uint32"))
+    check_at_least("vocab", a["vocab"], 2)
+    if a["data"] == "text" and a["vocab"] != ARGS["vocab"]:
+        raise UserError(f"config argument vocab={a['vocab']} only applies with data=PATH (a token "
+                        f"file); the embedded text is bytes (vocab 256)")
     d_model, num_layers, num_heads, seq_len, batch_size = SIZES[a["size"]]
+    if a["data"] == "text":
+        vocab, source, metric, options = 256, "text", "bits_per_byte", dict(eval_fraction=0.05)
+    else:  # a token file: its ids are range-checked against vocab when it opens
+        vocab, source, metric = a["vocab"], "tokens", "loss"
+        options = dict(path=a["data"], vocab_size=a["vocab"], dtype=a["token_dtype"], eval_fraction=0.05)
 
     c = ConfigDict()
+    c.metric = metric  # the headline eval metric, printed last as FINAL EVAL <METRIC>
     c.model = ConfigDict(dict(
-        vocab_size=256,
+        vocab_size=vocab,
         d_model=d_model,
         num_layers=num_layers,
         num_heads=num_heads,
@@ -54,36 +81,18 @@ def get_config(arg: str | None = None) -> ConfigDict:
         scan_layers=False,
         dtype=a["dtype"],
         param_dtype="float32",
+        impl="auto",  # attention implementation (attn.core); --config.model.impl=xla_chunked etc.
     ))
     c.data = ConfigDict(dict(
-        source="text",
+        source=source,
         seq_len=seq_len,
         batch_size=batch_size,
         eval_batch_size=64,
         seed=a["seed"],
-        options=dict(eval_fraction=0.05),
+        options=options,
     ))
-    c.optim = ConfigDict(dict(
-        name="adamw",
-        learning_rate=2e-3,
-        warmup_steps=min(50, a["steps"] // 4),  # short smoke runs still validate
-        decay_steps=None,
-        min_lr_ratio=0.1,
-        weight_decay=0.1,
-        b1=0.9,
-        b2=0.98,
-        eps=1e-8,
-        grad_clip_norm=1.0,
-    ))
-    c.train = ConfigDict(dict(
-        num_steps=a["steps"],
-        log_every=25,
-        eval_every=200,
-        eval_steps=8,
-        seed=a["seed"],
-        aux_loss_weight=0.01,
-        progress_bar=True,
-    ))
-    c.mesh = ConfigDict(dict(shape=(-1, 1, 1, 1), rules=None))
-    c.checkpoint = ConfigDict(dict(enabled=True, every_steps=200, max_to_keep=2, async_save=True))
+    c.optim = common.optim(steps=a["steps"], warmup_max=50, learning_rate=2e-3)
+    c.train = common.train(steps=a["steps"], seed=a["seed"], log_every=25, eval_every=200, eval_steps=8)
+    c.mesh = common.mesh()
+    c.checkpoint = common.checkpoint(every_steps=200)
     return c

@@ -2,7 +2,7 @@
 
 Run (a few minutes on 2 CPU cores; reports eval accuracy on the 359 held-out digits):
 
-    python -m train --config configs/vit_digits.py --workdir runs/vit_digits
+    attnlab train --config vit_digits --workdir runs/vit_digits
 
 Arguments after ``:`` (comma separated key=value):
   attn    a registry name with causal=False (mha, gqa, mqa, mla, moh)
@@ -18,6 +18,7 @@ Every default lives in this file.
 
 from ml_collections import ConfigDict
 
+from configs import common
 from train.config_args import check_choice, parse_arg_string
 
 ARGS = {
@@ -42,6 +43,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     check_choice("remat", a["remat"], ("none", "full", "dots"))
 
     c = ConfigDict()
+    c.metric = "accuracy"  # the headline: printed last as FINAL EVAL ACCURACY
     c.task = "classify"
     c.model = ConfigDict(dict(
         image_size=(8, 8),
@@ -59,6 +61,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         remat=a["remat"],
         dtype="float32",  # float32 is faster than bfloat16 on CPU
         param_dtype="float32",
+        impl="auto",  # attention implementation (attn.core); --config.model.impl=xla_chunked etc.
     ))
     c.data = ConfigDict(dict(
         source="digits",
@@ -69,27 +72,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
         seed=a["seed"],
         options=dict(test_fraction=0.2, split_seed=0, train_shift=1),
     ))
-    c.optim = ConfigDict(dict(
-        name="adamw",
-        learning_rate=2e-3,
-        warmup_steps=min(100, a["steps"] // 4),
-        decay_steps=None,
-        min_lr_ratio=0.05,
-        weight_decay=0.05,
-        b1=0.9,
-        b2=0.99,
-        eps=1e-8,
-        grad_clip_norm=1.0,
-    ))
-    c.train = ConfigDict(dict(
-        num_steps=a["steps"],
-        log_every=50,
-        eval_every=500,
-        eval_steps=3,
-        seed=a["seed"],
-        aux_loss_weight=0.01,
-        progress_bar=True,
-    ))
-    c.mesh = ConfigDict(dict(shape=(-1, 1, 1, 1), rules=None))
-    c.checkpoint = ConfigDict(dict(enabled=True, every_steps=500, max_to_keep=2, async_save=True))
+    c.optim = common.optim(steps=a["steps"], warmup_max=100, learning_rate=2e-3, min_lr_ratio=0.05,
+                           weight_decay=0.05, b2=0.99)
+    c.train = common.train(steps=a["steps"], seed=a["seed"], eval_every=500, eval_steps=3)
+    c.mesh = common.mesh()
+    c.checkpoint = common.checkpoint(every_steps=500)
     return c

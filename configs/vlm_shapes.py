@@ -2,7 +2,7 @@
 
 Run (about five minutes on 2 CPU cores; reports answer accuracy on held-out images/questions):
 
-    python -m train --config configs/vlm_shapes.py --workdir runs/vlm_shapes
+    attnlab train --config vlm_shapes --workdir runs/vlm_shapes
 
 Arguments after ``:`` (comma separated key=value):
   attn      a registry name for the LM (mha, gqa, mqa, mla, moh, ...)
@@ -19,6 +19,7 @@ Every default lives in this file.
 
 from ml_collections import ConfigDict
 
+from configs import common
 from train.config_args import check_choice, parse_arg_string
 from train.shapes import IMG, TOKEN, VOCAB
 
@@ -46,6 +47,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     tokens_per_image = (grid // 2) ** 2  # the connector's 2x2 pooling
 
     c = ConfigDict()
+    c.metric = "accuracy"  # the headline: printed last as FINAL EVAL ACCURACY
     c.task = "vlm"
     c.model = ConfigDict(dict(
         vision=dict(image_size=image_size, channels=3, patch_size=a["patch"], width=64, depth=2,
@@ -66,27 +68,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
         options=dict(image_size=image_size, num_shapes=2, tokens_per_image=tokens_per_image,
                      caption_fraction=a["captions"]),
     ))
-    c.optim = ConfigDict(dict(
-        name="adamw",
-        learning_rate=2e-3,
-        warmup_steps=min(100, a["steps"] // 4),
-        decay_steps=None,
-        min_lr_ratio=0.05,
-        weight_decay=0.05,
-        b1=0.9,
-        b2=0.98,
-        eps=1e-8,
-        grad_clip_norm=1.0,
-    ))
-    c.train = ConfigDict(dict(
-        num_steps=a["steps"],
-        log_every=50,
-        eval_every=500,
-        eval_steps=4,  # 1024 held-out questions, the same every evaluation
-        seed=a["seed"],
-        aux_loss_weight=0.01,
-        progress_bar=True,
-    ))
-    c.mesh = ConfigDict(dict(shape=(-1, 1, 1, 1), rules=None))
-    c.checkpoint = ConfigDict(dict(enabled=True, every_steps=500, max_to_keep=2, async_save=True))
+    c.optim = common.optim(steps=a["steps"], warmup_max=100, learning_rate=2e-3, min_lr_ratio=0.05,
+                           weight_decay=0.05)
+    # eval_steps 4: 1024 held-out questions, the same every evaluation
+    c.train = common.train(steps=a["steps"], seed=a["seed"], eval_every=500, eval_steps=4)
+    c.mesh = common.mesh()
+    c.checkpoint = common.checkpoint(every_steps=500)
     return c

@@ -122,6 +122,16 @@ def _sample(logits_BV, key, step, *, temperature, top_k, top_p):
                          top_k=top_k, top_p=top_p)
 
 
+def _check_ids(ids, vocab_size: int, what: str) -> None:
+    """One-line error for ids outside ``[0, vocab_size)`` (out-of-range embedding gathers
+    would silently read NaN rows)."""
+    ids = np.asarray(ids)
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"{what} token id {int(bad[0])} is outside the model's vocabulary "
+                         f"[0, {vocab_size}) ({bad.size} such ids)")
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token lists → ``(tokens [B, P] int32, mask [B, P] bool)``, left-padded to the longest.
 
@@ -173,6 +183,7 @@ def stream(config: LMConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
         raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
     _check_sampling(config, temperature, top_k, top_p)
     tokens_BP, mask_BP = left_pad(prompts)
+    _check_ids(tokens_BP, config.vocab_size, "generate: prompt")
     B, P = tokens_BP.shape
     max_len = P + max_new_tokens if max_len is None else max_len
     if max_len < P + max_new_tokens - 1:
@@ -265,40 +276,63 @@ def build_parser(prog="python -m models.generate") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr at the end")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors")
     return p
 
 
-def main(argv=None) -> int:
-    """Entry point of ``python -m models.generate`` / ``attnlab generate``."""
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m models.generate") -> int:
+    """Entry point of ``python -m models.generate`` / ``attnlab generate``.
+
+    A user error (a bad flag value, a missing or unreadable model file) prints one line
+    and returns 2; ``--verbose`` adds its traceback. Anything else is a bug and raises.
+    """
+    from train.cli import guarded
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return guarded(prog, lambda: _main(argv, prog), verbose="--verbose" in argv)
+
+
+def _flag_error(flag: str, e: ValueError):
+    """A library argument check's ValueError, reported as the command-line flag."""
+    from attn.errors import UserError
+
+    return UserError(f"{flag}: {' '.join(str(e).split())}")
+
+
+def _main(argv: list[str], prog: str) -> int:
+    from attn.errors import UserError
+
+    args = build_parser(prog).parse_args(argv)
     if args.greedy and args.temperature not in (None, 0.0):
-        print("generate: --greedy conflicts with --temperature "
-              f"{args.temperature}", file=sys.stderr)
-        return 2
+        raise UserError(f"--greedy conflicts with --temperature {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1")
     temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
     from models import pretrained  # the importer (gguf / safetensors / tokenizers)
 
-    try:
-        pre = pretrained.load(args.model, dtype=jnp.dtype(args.dtype))
-        tok = pre.tokenizer
-        text = args.prompt
-        if args.chat:
-            msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-            text = tok.apply_chat_template(msgs + [{"role": "user", "content": args.prompt}],
-                                           add_generation_prompt=True)
-        ids = tok.encode(text, add_special_tokens=False)
-        out = TextStream(tok)
-        t0, n = time.perf_counter(), 0
-        for t, live in stream(pre.config, pre.params, [ids], max_new_tokens=args.max_new_tokens,
-                              eos_ids=tuple(tok.eos_ids), temperature=temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-            n += 1
-            sys.stdout.write(out.push(int(t[0])))
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    except ValueError as e:  # user errors (bad path, flags) are one line, no traceback
-        print(f"generate: {e}", file=sys.stderr)
-        return 2
+    pre = pretrained.load(args.model, dtype=jnp.dtype(args.dtype))  # PretrainedError: a UserError
+    try:  # the sampling flags against the model's vocabulary, before anything compiles
+        _check_sampling(pre.config, temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise _flag_error("--temperature / --top-k / --top-p", e) from e
+    tok = pre.tokenizer
+    text = args.prompt
+    if args.chat:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        text = tok.apply_chat_template(msgs + [{"role": "user", "content": args.prompt}],
+                                       add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    if not ids:
+        raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")
+    out = TextStream(tok)
+    t0, n = time.perf_counter(), 0
+    for t, live in stream(pre.config, pre.params, [ids], max_new_tokens=args.max_new_tokens,
+                          eos_ids=tuple(tok.eos_ids), temperature=temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        n += 1
+        sys.stdout.write(out.push(int(t[0])))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     if args.stats:
         dt = time.perf_counter() - t0
         print(f"[{len(ids)} prompt tokens, {n} new tokens, {dt:.2f} s incl. compile]", file=sys.stderr)

@@ -61,6 +61,9 @@ def score_windows(config: LMConfig, params, ids: Sequence[int], *, window: int =
         raise ValueError(f"perplexity: window must be an int >= 2, got {window!r}")
     if len(ids) < 2:
         raise ValueError(f"perplexity: need at least 2 tokens, got {len(ids)}")
+    from models.generate import _check_ids
+
+    _check_ids(ids, config.vocab_size, "perplexity:")
     variables = params if "params" in params else {"params": params}
     chunks = [ids[i:i + window] for i in range(0, len(ids), window)]
     chunks = [c for c in chunks if len(c) >= 2]
@@ -92,30 +95,45 @@ def corpus_text() -> str:
     return pydoc_corpus_bytes().tobytes().decode("utf-8", errors="replace")
 
 
-def main(argv=None) -> int:
-    """Entry point of ``python -m models.perplexity`` / ``attnlab perplexity``."""
-    p = argparse.ArgumentParser(prog="python -m models.perplexity",
-                                description="Perplexity on the embedded pydoc English text.")
+def main(argv=None, prog: str = "python -m models.perplexity") -> int:
+    """Entry point of ``python -m models.perplexity`` / ``attnlab perplexity``.
+
+    A user error (a bad flag value, a missing or unreadable model file) prints one line
+    and returns 2; ``--verbose`` adds its traceback. Anything else is a bug and raises.
+    """
+    from train.cli import guarded
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return guarded(prog, lambda: _main(argv, prog), verbose="--verbose" in argv)
+
+
+def build_parser(prog: str = "python -m models.perplexity") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Perplexity on the embedded pydoc English text.")
     p.add_argument("--model", default="smollm2-135m",
                    help="short name (smollm2-135m), a .gguf file or a Hugging Face directory")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--window", type=int, default=512, help="non-overlapping window length")
     p.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = p.parse_args(argv)
+    p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors")
+    return p
+
+
+def _main(argv: list[str], prog: str) -> int:
+    from attn.errors import UserError
+
+    args = build_parser(prog).parse_args(argv)
+    for flag, value, low in (("--max-tokens", args.max_tokens, 2), ("--window", args.window, 2),
+                             ("--batch", args.batch, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag}={value}: must be >= {low}")
     from models import pretrained
 
-    try:
-        if args.max_tokens is not None and args.max_tokens < 2:
-            raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-        pre = pretrained.load(args.model, dtype=jnp.dtype(args.dtype))
-        ids = pre.tokenizer.encode(corpus_text(), add_special_tokens=False)
-        ids = ids[:args.max_tokens] if args.max_tokens else ids
-        n, total = score_windows(pre.config, pre.params, ids, window=args.window, batch=args.batch,
-                                 progress=True)
-    except ValueError as e:
-        print(f"perplexity: {e}", file=sys.stderr)
-        return 2
+    pre = pretrained.load(args.model, dtype=jnp.dtype(args.dtype))  # PretrainedError: a UserError
+    ids = pre.tokenizer.encode(corpus_text(), add_special_tokens=False)
+    ids = ids[:args.max_tokens] if args.max_tokens else ids
+    n, total = score_windows(pre.config, pre.params, ids, window=args.window, batch=args.batch,
+                             progress=True)
     nll = total / n
     print(f"model {args.model}, {len(ids)} tokens of pydoc text, windows of {args.window}")
     print(f"tokens {n} mean_nll {nll:.4f} perplexity {math.exp(nll):.3f}")

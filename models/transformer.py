@@ -71,6 +71,7 @@ from attn.axes import BATCH, EMBED, LAYERS, LENGTH, MLP, VOCAB
 from attn.cache import check_overflow, overflow_state
 from attn.mha import rms_norm
 from attn.positions import RopeConfig, scaling_from_any
+from models import ffn
 
 Array = Any
 
@@ -115,6 +116,11 @@ class LMConfig:
         (``rope_scaling``: a scaling of ``attn.positions`` or a dict with its ``type``); ``use_rope=False``
         disables it (a mechanism may still override ``rope``).
       impl: attention implementation handed to every layer ("auto", "xla", ...).
+      ffn: comma-separated FFN registry names (``models.ffn``: "swiglu", "moe"), zipped
+        with the attention pattern; one name applies to every layer ("mla,mla" with
+        ffn="swiglu,moe" gives a dense first layer of each repeat).
+      ffn_overrides: ``{ffn name: {config field: value}}``, e.g.
+        ``{"moe": {"num_experts": 16, "top_k": 2}}``.
 
     Example:
       >>> LMConfig(vocab_size=256, d_model=96, num_layers=2, num_heads=4).ffn_dim
@@ -140,6 +146,8 @@ class LMConfig:
     rope_fraction: float = 1.0
     rope_scaling: Any = None
     impl: str = "auto"
+    ffn: str = "swiglu"
+    ffn_overrides: Mapping[str, Mapping[str, Any]] = FrozenDict()
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -180,6 +188,8 @@ class LMConfig:
                 )
         # Build every layer config now, so bad overrides fail before anything compiles.
         set_("_layer_configs", tuple(self._make_layer_config(n) for n in pattern))
+        set_("ffn_overrides", _freeze(self.ffn_overrides, "ffn_overrides"))
+        set_("_ffn_configs", _ffn_configs(self))
 
     @classmethod
     def from_dict(cls, d) -> "LMConfig":
@@ -218,6 +228,11 @@ class LMConfig:
                     dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
                     norm_eps=self.norm_eps, rope=rope)
 
+    @property
+    def ffn_configs(self) -> tuple:
+        """``(ffn name, config)`` per pattern position (``models.ffn`` registry)."""
+        return self._ffn_configs
+
     def _make_layer_config(self, name: str):
         overrides = dict(self.attn_overrides.get(name, {}))
         return registry.get(name).make_config(self.common_attention_fields(), overrides)
@@ -253,6 +268,38 @@ class SwiGLU(nn.Module):
         return swiglu(p, x_BTD, dtype=cfg.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class SwiGLUConfig:
+    """The dense FFN's fields (``SwiGLU`` reads d_model, ffn_dim, dtype, param_dtype)."""
+
+    d_model: int
+    ffn_dim: int
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.float32
+
+
+ffn.register(ffn.FFN(
+    name="swiglu", module=SwiGLU, make_config=ffn.config_factory(SwiGLUConfig, "swiglu"),
+    stats=lambda c: dict(params=3 * c.d_model * c.ffn_dim, active_params=3 * c.d_model * c.ffn_dim,
+                         flops_per_token=6 * c.d_model * c.ffn_dim),
+    description="dense SwiGLU MLP"))
+
+
+def _ffn_configs(cfg: LMConfig) -> tuple:
+    """``(name, config)`` per attention-pattern position; errors name the field."""
+    names = tuple(s.strip() for s in cfg.ffn.split(",")) if isinstance(cfg.ffn, str) else ()
+    P = len(cfg.pattern)
+    if len(names) not in (1, P) or not all(names):
+        raise ValueError(f"LMConfig.ffn={cfg.ffn!r} must name one FFN or one per attention-pattern "
+                         f"position ({P}: attn={cfg.attn!r})")
+    names = names * P if len(names) == 1 else names
+    for key in cfg.ffn_overrides:
+        if key not in names:
+            raise ValueError(f"LMConfig.ffn_overrides has key {key!r}, which is not in ffn={cfg.ffn!r}")
+    common = dict(d_model=cfg.d_model, ffn_dim=cfg.ffn_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    return tuple((n, ffn.get(n).make_config(common, dict(cfg.ffn_overrides.get(n, {})))) for n in names)
+
+
 class Block(nn.Module):
     """Pre-norm block: ``x += attn(norm(x)); x += mlp(norm(x))``; attention by pattern index."""
 
@@ -277,7 +324,8 @@ class Block(nn.Module):
             h, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache, **extra)
         x_BTD = x_BTD + a.astype(x_BTD.dtype)
         h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x_BTD)
-        x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(h).astype(x_BTD.dtype)
+        ffn_name, ffn_config = cfg.ffn_configs[self.index]
+        x_BTD = x_BTD + ffn.get(ffn_name).module(ffn_config, name="mlp")(h).astype(x_BTD.dtype)
         return nn.with_logical_constraint(x_BTD, (BATCH, LENGTH, EMBED)), cache
 
 
@@ -354,7 +402,8 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
         if cfg.scan_layers:
             units = nn.scan(
-                Unit, variable_axes={"params": 0, "aux_loss": 0, "intermediates": 0},
+                Unit, variable_axes={"params": 0, "aux_loss": 0, "intermediates": 0,
+                                     "moe_state": 0, "moe_stats": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_repeats,
                 metadata_params={nn.PARTITION_NAME: LAYERS},

@@ -192,10 +192,8 @@ def batch(self, split, step, batch_size):
         open(ckpt, "w").close()
     return original(self, split, step, batch_size)
 MQARSource.batch = batch
-from absl import app
 from train.__main__ import main
-sys.argv = ["train"] + sys.argv[3:]
-app.run(main)
+sys.exit(main(sys.argv[3:]))
 """
 
 

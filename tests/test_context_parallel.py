@@ -325,3 +325,45 @@ def test_pallas_kernel_runs_inside_the_ring():
                     jax.grad(lambda *x: jnp.sum(ref(*x) * w), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(jax.jit(split)(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_pallas_kernel_in_the_ring_in_bf16_has_one_device_error():
+    """bf16 through the ring with a Pallas kernel (Triton, interpreted): its block outputs
+    come back in float32 (``out_dtype``), so the split costs nothing over one device.
+
+    Negative control: the same kernel with each block output rounded to bf16 before the
+    merge (what the kernels did before ``out_dtype``) is measurably worse (x1.26 here),
+    so the bound can fail. No mask: every row merges both blocks, which is where that
+    rounding shows (a causal row served by one block rounds the same value twice).
+    """
+    from attn import core
+    Tp, N, K, H = 32, 4, 2, 16
+    ks = jax.random.split(jax.random.key(8), 3)
+    q = jax.random.normal(ks[0], (1, Tp, N, H), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (1, Tp, K, H), jnp.bfloat16) for key in ks[1:])
+    mesh = make_mesh(MeshConfig(shape=(1, 1, 2, 1), num_devices=2))
+    perm = cpl.zigzag_permutation(Tp, 4)
+    pos = jnp.broadcast_to(jnp.arange(Tp), (1, Tp))[:, perm]
+    mask = Mask(q_positions=pos, kv_positions=pos)
+    kernel = core.get_impl("pallas_triton_interpret")
+
+    def rounded_blocks(q, k, v, *, out_dtype=None, **kw):  # the old behaviour
+        o, lse = kernel.fn(q, k, v, **kw)
+        return o.astype(out_dtype or o.dtype), lse
+
+    core.register_impl("test_rounded_blocks", rounded_blocks, kernel.supports, float32_out=True)
+    try:
+        ring = {impl: jax.jit(lambda q, k, v, impl=impl: cpl.context_parallel_attention(
+            q[:, perm], k[:, perm], v[:, perm], impl=impl, strategy="ring", mask=mask, mesh=mesh,
+            zigzag=True)[:, np.argsort(perm)])(q, k, v)
+            for impl in ("pallas_triton_interpret", "test_rounded_blocks")}
+    finally:
+        core._IMPLS.pop("test_rounded_blocks")
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref = attention(f32(q), f32(k), f32(v), impl="xla")
+    one = attention(q, k, v, impl="pallas_triton_interpret")  # bf16, one device
+    rel = lambda x: float(jnp.linalg.norm(f32(x) - ref) / jnp.linalg.norm(ref))  # noqa: E731
+    o, rounded = ring["pallas_triton_interpret"], ring["test_rounded_blocks"]
+    assert o.dtype == jnp.bfloat16
+    assert rel(o) < 1.05 * rel(one), (rel(o), rel(one))
+    assert rel(rounded) > 1.15 * rel(one), (rel(rounded), rel(one))

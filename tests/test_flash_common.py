@@ -8,6 +8,7 @@ blocks occur at the awkward shapes of ``tests/attn_cases.py``.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import jax
@@ -20,7 +21,7 @@ from attn import core
 from attn.core import make_call
 from attn.masks import Mask
 from tests.attn_cases import make_case, oracle_kwargs
-from tests.oracle import reference_attention, reference_grads
+from tests.oracle import mask_from_definition, reference_attention, reference_grads
 
 F32_TOL = dict(atol=5e-5, rtol=5e-5)
 
@@ -57,7 +58,7 @@ def sinks_with_dead_rows_case() -> dict:
     kv_seg = np.ones((sp.B, sp.S), np.int32)
     kv_seg[:, 80:] = 2
     mask = Mask(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
-    return dict(case, mask=mask, dense=np.asarray(mask.materialize(sp.B, sp.T, sp.S)))
+    return dict(case, mask=mask, dense=mask_from_definition(mask, sp.B, sp.T, sp.S, sp.N))
 
 
 def check_case(fn, name, *, tol=F32_TOL, **extra):
@@ -102,7 +103,7 @@ def check_skipped_blocks_never_read(fn, block_kv):
     f = lambda q, k, v: fn(q, k, v, mask=mask)[0]
     o, vjp = jax.vjp(f, q, kp, vp)
     dq, dk, dv = vjp(do)
-    dense = np.asarray(mask.materialize(B, T, S))
+    dense = mask_from_definition(mask, B, T, S)
     o_ref, _ = reference_attention(q, k, v, dense_mask=dense)
     ref = reference_grads(q, k, v, do, dense_mask=dense)
     np.testing.assert_allclose(o, o_ref, **F32_TOL)
@@ -124,7 +125,7 @@ def check_mla_bf16(fn):
     assert o.dtype == jnp.bfloat16 and o.shape == (B, T, N, E) and lse.dtype == jnp.float32
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
     f64 = lambda x: np.asarray(x, np.float64)
-    dense = np.asarray(mask.materialize(B, T, T))
+    dense = mask_from_definition(mask, B, T, T)
     o_ref, lse_ref = reference_attention(f64(q), f64(k), f64(v), dense_mask=dense)
     ref = reference_grads(f64(q), f64(k), f64(v), f64(do), dense_mask=dense)
     tol = dict(atol=4e-2, rtol=4e-2)
@@ -151,13 +152,61 @@ def check_per_head_block_mask(fn, block_sizes):
     f = lambda q, k, v: fn(q, k, v, mask=mask, block_sizes=block_sizes)
     (o, lse), vjp = jax.vjp(f, q, k, v)
     dq, dk, dv = vjp((do, jnp.zeros_like(lse)))
-    dense = np.asarray(mask.materialize(B, T, S))
+    dense = mask_from_definition(mask, B, T, S, N)
     o_ref, lse_ref = reference_attention(q, k, v, dense_mask=dense)
     ref = reference_grads(q, k, v, do, dense_mask=dense)
     np.testing.assert_allclose(o, o_ref, **F32_TOL)
     np.testing.assert_allclose(lse, lse_ref, **F32_TOL)
     for got, key in ((dq, "dq"), (dk, "dk"), (dv, "dv")):
         np.testing.assert_allclose(got, ref[key], err_msg=key, **F32_TOL)
+
+
+def check_float32_out(fn):
+    """bf16 inputs with ``out_dtype=float32``: the float32 accumulator, written out unrounded.
+
+    * the default (bf16) output is exactly its rounding, and the lse is the same: the
+      float32 ``o`` is the value the kernel would otherwise have rounded;
+    * against the float64 oracle each element lies within the bound of the one rounding
+      left inside the kernel, the bf16 ``P`` operand of the ``P·V`` matmul (as in every
+      flash kernel: the MXU / tensor cores take P in the input dtype):
+      ``|o - o_ref| <= 2^-8 · Σ_s p_s |v_s|`` plus float32 slack, where the sum is the
+      oracle run on ``|v|``;
+    * its relative error is well below the bf16 output's (the output rounding is gone);
+    * gradients with a float32 cotangent come back in the input dtypes and match the
+      oracle within bf16 tolerance.
+
+    Shapes: T=24 != S=40, GQA 4/2, E != H, causal at offset positions, sinks.
+    """
+    B, T, S, N, K, H, E = 1, 24, 40, 4, 2, 16, 24
+    ks = jax.random.split(jax.random.key(21), 5)
+    q, k, v, do = (jax.random.normal(kk, s, jnp.bfloat16) for kk, s in zip(
+        ks, [(B, T, N, H), (B, S, K, H), (B, S, K, E), (B, T, N, E)]))
+    sinks = jax.random.normal(ks[4], (N,))
+    mask = Mask(causal=True, q_positions=jnp.arange(T)[None] + S - T)
+    (o32, lse32), vjp = jax.vjp(lambda q, k, v, s: fn(q, k, v, mask=mask, sinks=s,
+                                                      out_dtype=jnp.float32), q, k, v, sinks)
+    o16, lse16 = fn(q, k, v, mask=mask, sinks=sinks)
+    assert o32.dtype == jnp.float32 and o16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(o32.astype(jnp.bfloat16), np.float32),
+                                  np.asarray(o16, np.float32))
+    np.testing.assert_array_equal(lse32, lse16)
+    f64 = lambda x: np.asarray(x, np.float64)
+    dense = mask_from_definition(mask, B, T, S)
+    kw = dict(dense_mask=dense, sinks=f64(sinks))
+    o_ref, lse_ref = reference_attention(f64(q), f64(k), f64(v), **kw)
+    p_abs_v, _ = reference_attention(f64(q), f64(k), np.abs(f64(v)), **kw)  # Σ_s p_s |v_s|
+    err = np.abs(f64(o32) - o_ref)
+    assert np.all(err <= 2.0 ** -8 * p_abs_v * (1 + 1e-3) + 1e-5), err.max()
+    np.testing.assert_allclose(lse32, lse_ref, atol=2e-5, rtol=2e-5)
+    rel = lambda o: np.linalg.norm(f64(o) - o_ref) / np.linalg.norm(o_ref)  # noqa: E731
+    assert rel(o32) < 0.7 * rel(o16), (rel(o32), rel(o16))
+    grads = vjp((do.astype(jnp.float32), jnp.zeros_like(lse32)))
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3 + [jnp.float32]
+    ref = reference_grads(f64(q), f64(k), f64(v), f64(do), **kw)
+    for got, key in zip(grads, ("dq", "dk", "dv", "dsinks")):
+        scale = np.abs(ref[key]).max()
+        np.testing.assert_allclose(f64(got) / scale, ref[key] / scale, atol=2e-2, err_msg=key)
+    return rel(o32), rel(o16)
 
 
 # --------------------------------------------------------------------------- registration
@@ -194,11 +243,11 @@ def test_gpu_resolution_prefers_hopper_module_when_it_accepts(monkeypatch):
     kernel, reason = flash_register.resolve_gpu_kernel(call)
     assert reason is None and kernel.name == "triton"  # gpu.py refuses off an sm90 GPU
     hopper = types.SimpleNamespace(name="hopper", attention=None,
-                                   supports=lambda call, interpret: None)
+                                   supports=lambda call, interpret, out_dtype=None: None)
     monkeypatch.setattr(flash_register, "_gpu_candidates",
                         lambda: [hopper, flash_register._TritonKernel])
     assert flash_register.resolve_gpu_kernel(call)[0] is hopper
-    hopper.supports = lambda call, interpret: "needs sm_90"
+    hopper.supports = lambda call, interpret, out_dtype=None: "needs sm_90"
     assert flash_register.resolve_gpu_kernel(call)[0].name == "triton"
 
 
@@ -240,12 +289,15 @@ def test_kernels_lower_for_hardware(backend, monkeypatch):
     mask = Mask(causal=True, window=(256, 0), q_segment_ids=seg, kv_segment_ids=jnp.ones((B, S), jnp.int32),
                 q_positions=jnp.broadcast_to(jnp.arange(T) + S - T, (B, T)))
 
-    def loss(q, k, v, sinks):
-        o, lse = fn(q, k, v, mask=mask, softcap=30.0, sinks=sinks)
+    def loss(q, k, v, sinks, out_dtype):
+        o, lse = fn(q, k, v, mask=mask, softcap=30.0, sinks=sinks, out_dtype=out_dtype)
+        assert o.dtype == (out_dtype or q.dtype)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-    for H, E in ((64, 64), (192, 128)):
-        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+    # The float32 output (what the context-parallel ring asks for) lowers too.
+    for H, E, out_dtype in ((64, 64, None), (192, 128, None), (64, 64, jnp.float32)):
+        grad = jax.grad(functools.partial(loss, out_dtype=out_dtype), argnums=(0, 1, 2, 3))
+        lowered = jax.jit(grad).trace(
             bf(B, T, N, H), bf(B, S, K, H), bf(B, S, K, E), jax.ShapeDtypeStruct((N,), jnp.float32)
         ).lower(lowering_platforms=(platform,))
         assert lowered.as_text().count(target) >= 3  # forward, dQ and dK/dV kernels
@@ -272,3 +324,22 @@ def test_gpu_kernels_have_their_own_names_and_the_alias_says_why(caplog):
     a = core.attention(q, q, q, mask=Mask(causal=True), impl="pallas_triton_interpret")
     b = core.attention(q, q, q, mask=Mask(causal=True), impl="pallas_gpu_interpret")
     np.testing.assert_array_equal(a, b)
+
+
+def test_every_pallas_impl_returns_float32_outputs_on_request():
+    """``Impl.float32_out`` (the context-parallel ring's requirement) on every Pallas name;
+    a bad ``out_dtype`` is one clear error."""
+    from attn.errors import UserError
+
+    names = ("pallas_tpu", "pallas_tpu_interpret", "pallas_triton", "pallas_triton_interpret",
+             "pallas_mosaic_gpu", "pallas_gpu", "pallas_gpu_interpret")
+    assert all(core.get_impl(n).float32_out for n in names)
+    x = jax.random.normal(jax.random.key(3), (1, 12, 2, 16), jnp.bfloat16)
+    for name in ("pallas_triton_interpret", "pallas_gpu_interpret"):
+        o, lse = core.get_impl(name).fn(x, x, x, mask=Mask(causal=True), scale=0.25, softcap=None,
+                                        sinks=None, bias=None, return_lse=True,
+                                        out_dtype=jnp.float32)
+        assert o.dtype == jnp.float32 and lse.dtype == jnp.float32
+    from kernels_pallas.flash.gpu_triton import flash_attention_triton
+    with pytest.raises(UserError, match="out_dtype=int32: must be a floating dtype"):
+        flash_attention_triton(x, x, x, interpret=True, out_dtype=jnp.int32)

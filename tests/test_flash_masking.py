@@ -1,6 +1,7 @@
 """The block-mask machinery shared by the flash kernels (``kernels_pallas.flash.masking``).
 
-Block classification against the dense mask (``Mask.materialize``): SKIP only when a
+Block classification against the dense mask built from the mask's definition
+(``tests/oracle.mask_from_definition``, not ``Mask.materialize``): SKIP only when a
 block is provably empty, FULL only when provably all-visible, and exact for position
 rules (causal / window / offsets); the visit tables; the static visit bounds; and the
 kernels' own in-kernel count of processed blocks (debug output) against the tables.
@@ -22,6 +23,7 @@ from kernels_pallas.flash.gpu_triton import flash_attention_triton
 from kernels_pallas.flash.masking import FULL, PARTIAL, SKIP
 from kernels_pallas.flash.tpu import BlockSizes as TpuBlocks
 from kernels_pallas.flash.tpu import flash_attention_tpu
+from tests.oracle import mask_from_definition
 
 B, T, S, N = 2, 100, 75, 3
 rng = np.random.default_rng(0)
@@ -56,6 +58,11 @@ def _masks():
 MASKS = _masks()
 
 
+@functools.lru_cache(maxsize=None)
+def _dense(name):
+    return mask_from_definition(MASKS[name][0], B, T, S, N)
+
+
 # Kernel blocks must lie inside block-mask blocks (16, 32): other sizes for that one.
 CLASSIFY_PARAMS = [(name, blocks) for name in MASKS for blocks in (
     [(16, 16), (16, 32), (8, 32)] if name == "block_mask" else [(16, 16), (32, 64), (8, 128)])]
@@ -68,8 +75,7 @@ def test_classification_is_conservative_and_exact_for_positions(name, blocks):
                               block_q=blocks[0], block_kv=blocks[1])
     assert masking.block_mask_fits(mask, T, S, *blocks) is None
     kind = np.asarray(jax.jit(lambda m: masking.classify(m, til))(mask))
-    dense = np.asarray(mask.materialize(B, T, S))
-    exact = masking.exact_kinds(dense, til)
+    exact = masking.exact_kinds(_dense(name), til)
     exact = np.broadcast_to(exact, kind.shape)
     assert kind.shape == (B, til.mask_heads, til.num_q_blocks, til.num_kv_blocks)
     assert np.all(exact[kind == SKIP] == SKIP), "a block with visible pairs was skipped"

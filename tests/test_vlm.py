@@ -40,8 +40,16 @@ TOKENS = jnp.array([[1, 3, 3, 3, 3, 5, 6, 3, 3, 3, 3, 7, 8],
 IMAGES = jax.random.uniform(jax.random.key(1), (2, 2, 8, 8, 3))
 
 
-def _init(cfg, tokens=TOKENS, images=IMAGES):
-    return VLM(cfg).init(jax.random.key(0), tokens, images)
+def _init(cfg, tokens=TOKENS, images=IMAGES, seed=0, scale=0.3):
+    """Random N(0, scale²) parameters drawn with numpy into the shapes of ``VLM.init``.
+
+    ``jax.eval_shape`` compiles nothing; a real ``init`` on CPU compiled every threefry
+    draw, most of these tests' time. Every parameter (zero-initialised heads included)
+    is non-trivial, so equalities below are not met by zeros.
+    """
+    shapes = jax.eval_shape(VLM(cfg).init, jax.random.key(0), tokens, images)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * scale, s.dtype), shapes)
 
 
 def test_image_tokens_land_at_the_placeholders():
@@ -333,8 +341,9 @@ def test_vlm_training_smoke(tmp_path):
     c.train.update(dict(log_every=4, eval_every=0, eval_steps=1, progress_bar=False))
     c.checkpoint.update(dict(every_steps=8))
     result = train_and_evaluate(c, str(tmp_path))
-    assert result["step"] == 8 and np.isfinite(result["eval/loss"])
-    assert 0.0 <= result["eval/accuracy"] <= 1.0
+    # It must learn: the same model untrained (learning rate 1e-12) scores eval loss
+    # 3.73 on these 16 eval rows; 8 steps measured 3.31 (accuracy is still 0 here).
+    assert result["step"] == 8 and result["eval/loss"] < 3.6, result
 
 
 @pytest.mark.slow

@@ -156,6 +156,11 @@ class _Local:
     impl: str
 
 
+def _float32_out_impls() -> list[str]:
+    """Registered attention impls that can return float32 block outputs (for messages)."""
+    return sorted(n for n in core.registered_impls() if core.get_impl(n).float32_out)
+
+
 def _inner(spec: _Local, q, k, v, qpos, kpos, qseg, kseg, sinks, *, float32_out=False):
     """One local attention call through the registry; ``(o, lse)``.
 
@@ -173,7 +178,8 @@ def _inner(spec: _Local, q, k, v, qpos, kpos, qseg, kseg, sinks, *, float32_out=
         raise NotImplementedError(
             f"context-parallel ring: impl {impl.name!r} cannot return float32 block outputs "
             f"(Impl.float32_out=False), so every block would be rounded to {q.dtype} before the "
-            "merge; use an impl that declares float32_out (xla), or strategy all_gather/ulysses")
+            f"merge; use an impl that declares float32_out ({', '.join(_float32_out_impls())}), "
+            "or strategy all_gather/ulysses")
     extra = {"out_dtype": jnp.float32} if float32_out and impl.float32_out else {}
     return impl.fn(q, k, v, mask=mask, scale=spec.scale, softcap=spec.softcap, sinks=sinks,
                    bias=None, return_lse=True, **extra)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,45 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(logdir)
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def moe_scalars(stats: Any, per_layer: tuple[str, ...] = ("max_load",)) -> dict[str, jax.Array]:
+    """Scalars to log from a sown ``"moe_stats"`` collection (models/ffn/moe.py), under jit.
+
+    ``moe/<name>``: the mean over every MoE layer (and every stacked layer of a scanned
+    unit) of each statistic; ``moe/<name>/<module path>[/<i>]``: each layer's value, for
+    the names in ``per_layer`` (a few scalars per layer, so cheap). Empty for a model
+    without MoE layers.
+
+    Args:
+      stats: nested dicts of module names ending in ``{stat name: (value, ...)}`` (sow
+        keeps a tuple per call); values are scalars or, under ``nn.scan``, ``[L]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = {"unit_0": {"mlp": {"max_load": (jnp.float32(1.5),)}},
+      ...      "unit_1": {"mlp": {"max_load": (jnp.float32(2.5),)}}}
+      >>> {k: float(v) for k, v in moe_scalars(s).items()}
+      {'moe/max_load': 2.0, 'moe/max_load/unit_0/mlp': 1.5, 'moe/max_load/unit_1/mlp': 2.5}
+    """
+    by_name: dict[str, list] = {}
+    by_layer: dict[str, list] = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(stats)[0]:
+        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if not keys:
+            continue
+        x = jnp.asarray(x, jnp.float32).reshape(-1)
+        by_name.setdefault(keys[-1], []).append(x)
+        if keys[-1] in per_layer:
+            by_layer.setdefault(f"moe/{keys[-1]}/" + "/".join(keys[:-1]), []).append(x)
+    out = {f"moe/{name}": jnp.mean(jnp.concatenate(xs)) for name, xs in by_name.items()}
+    for tag, xs in by_layer.items():
+        values = jnp.concatenate(xs)
+        if values.size == 1:
+            out[tag] = values[0]
+        else:  # a scanned unit (or a module called more than once): one tag per layer
+            out.update({f"{tag}/{i}": values[i] for i in range(values.size)})
+    return out
 
 
 def weighted_sums(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array) -> dict:

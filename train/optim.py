@@ -127,6 +127,14 @@ def _adamw(c: OptimConfig, schedule: optax.Schedule, param_axes=None) -> optax.G
 # and the rest to D when D is last ([N, H, D] out). Flax kernels put inputs first.
 _FAN_IN_AXES = ("embed", "latent", "mlp")
 
+# Kernels trained by Adam under Muon whatever their shape, by their own parameter name.
+# The MoE router [D, E] (models/ffn/moe.py): its fan-out is a set of expert logits, a
+# classifier like the output head rather than a map between feature spaces, and Muon's
+# equalised spectrum would move every expert's logit direction by the same amount
+# whatever its gradient signal, fighting the balance bias. (MoH's "router_kernel" is
+# not listed: unchanged.)
+ADAM_PARAM_NAMES = ("router",)
+
 
 def _muon_dims(params, param_axes=None):
     """Muon's reshape rule per parameter, read off the logical axis names; None = Adam.
@@ -138,17 +146,25 @@ def _muon_dims(params, param_axes=None):
     Embedding and output head (VOCAB), vectors, and CCA's convolution filters (a leading
     unnamed taps axis: per-channel filters, not maps between feature spaces) go to
     Adam: orthogonalised updates suit hidden matrices, not lookup tables (Jordan et
-    al.). A leading LAYERS axis (scan_layers) is a batch axis. Without axis names every
-    2-D parameter except embeddings is treated as [in, out].
+    al.). Leading batch axes: LAYERS (scan_layers), then EXPERT (MoE experts ``[E, D, F]``
+    / ``[E, F, D]``, ``train.sharding.EXPERT_LOGICAL_AXIS``), so each expert of each layer
+    is orthogonalised as its own ``D x F`` / ``F x D`` matrix. MoE routers (parameters
+    named in ``ADAM_PARAM_NAMES``) go to Adam. Without axis names every 2-D parameter
+    except embeddings is treated as [in, out].
     """
     from optax.contrib import MuonDimensionNumbers as Dims
 
     from attn import axes
+    from train.sharding import EXPERT_LOGICAL_AXIS
 
     def rule(path, p, names):
         names = tuple(names) if names is not None else ()
-        lead = 1 if names[:1] == (axes.LAYERS,) else 0
-        if p.ndim - lead < 2 or axes.VOCAB in names:
+        lead = 0
+        for batch_axis in (axes.LAYERS, EXPERT_LOGICAL_AXIS):  # in this order: [L, E, ...]
+            if names[lead:lead + 1] == (batch_axis,):
+                lead += 1
+        own_name = str(getattr(path[-1], "key", "")) if path else ""
+        if p.ndim - lead < 2 or axes.VOCAB in names or own_name in ADAM_PARAM_NAMES:
             return None
         if len(names) > lead and names[lead] in _FAN_IN_AXES:
             return Dims(reduction_axis=(lead,), output_axis=tuple(range(lead + 1, p.ndim)))

@@ -122,6 +122,31 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
                          devices=devices)
 
 
+# Expert parallelism reuses the token axes instead of adding a fifth mesh axis: MoE
+# experts carry the logical axis "expert" (models.ffn.moe.EXPERT), unmapped by default
+# (replicated); a rule mapping it to some of the axes that split the tokens (data, fsdp,
+# context) shards the experts there, and models/ffn/expert_parallel.py exchanges tokens
+# by all-to-all over those axes (GShard's layout: each data-parallel device owns E/ep).
+EXPERT_LOGICAL_AXIS = "expert"
+
+
+def with_expert_rule(rules: Sequence | None, mesh_axes: Sequence[str] | str = ("data", "fsdp")) -> tuple:
+    """``rules`` (None = the defaults) plus ``("expert", mesh_axes)``: expert parallelism.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> rules = with_expert_rule(None, ("data", "fsdp"))
+      >>> rules[0], nn.logical_to_mesh_axes(("expert", "embed", "mlp"), rules)
+      (('expert', ('data', 'fsdp')), P(('data', 'fsdp'), None, 'tensor'))
+    """
+    base = tuple(axes.DEFAULT_RULES if rules is None else rules)
+    base = tuple(r for r in base if r[0] != EXPERT_LOGICAL_AXIS)
+    target = mesh_axes if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    # First: flax gives each mesh axis to the earliest rule that claims it, so the experts
+    # take (say) fsdp before EMBED's rule does, and their weights are stored split by expert.
+    return normalize_rules(((EXPERT_LOGICAL_AXIS, target),) + base)
+
+
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
     """NamedShardings for a (possibly abstract) tree holding ``nn.Partitioned`` leaves.
 

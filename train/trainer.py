@@ -4,12 +4,16 @@ What one call does, in order:
   1. validate every config section into its dataclass (before anything compiles);
   2. build the data source (file errors surface here), the mesh and the optimizer;
      (the workdir and checkpoint folder are proven writable before anything compiles);
-  3. create the train state already sharded (``jit(init, out_shardings=...)``), or
+  3. create the train state already sharded (``jit(init, out_shardings=...)``): step,
+     params, opt_state and, for models that have it, the non-gradient model state
+     (``STATE_COLLECTIONS``: the MoE balance bias, replicated, updated by each train
+     step, read by eval, checkpointed and digested with the rest); or
      restore the newest checkpoint in ``workdir/checkpoints`` that passes its checksum
      (``train/checkpoint.py``; damaged steps are moved aside, named in one line);
   4. loop: batch = source(seed, step) -> jitted, donated train step; metrics are pulled
      to the host every ``log_every`` steps (and before every save), checked for
-     non-finite values, written to tensorboard and the progress bar; a save refuses a
+     non-finite values, written to tensorboard (MoE load statistics as ``moe/*``) and
+     the progress bar; a save refuses a
      state with NaN/inf in it, so the newest checkpoint is always one to continue from;
      SIGINT / SIGTERM finish the current step, save it and raise ``TrainingInterrupted``;
   5. evaluate every ``eval_every`` steps and at the end; return the final metrics.
@@ -42,15 +46,16 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from attn.errors import UserError
 from train import context_parallel as cpl
 from train import sharding as shd
 from train import tasks
 from train.checkpoint import (CheckpointConfig, Checkpointer, NonFiniteStateError,
                               all_processes_agree, check_writable)
-from train.config_args import dataclass_from_dict
+from train.config_args import check_impl_names, dataclass_from_dict
 from train.data import DataConfig, DataSource, make_source
 from train.distributed import DistributedConfig
-from train.metrics import ScalarWriter, summarize_eval, weighted_sums
+from train.metrics import ScalarWriter, moe_scalars, summarize_eval, weighted_sums
 from train.optim import OptimConfig, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -109,9 +114,9 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("num_steps", "log_every", "eval_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.eval_every < 0:
-            raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every!r}")
+            raise UserError(f"train.eval_every must be >= 0, got {self.eval_every!r}")
 
     @classmethod
     def from_dict(cls, d: Any) -> "TrainConfig":
@@ -119,16 +124,35 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------- model boundary
+# Non-gradient model state carried in the train state next to "params", when the model
+# creates it at init: the MoE balance bias (models/ffn/moe.py), updated by every train
+# forward (the collection is mutable there), read but not changed by eval, checkpointed
+# with the rest. A model without it has no such key in its state.
+STATE_COLLECTIONS = ("moe_state",)
+# Sown per step and logged: "aux_loss" enters the loss, "moe_stats" become moe/* scalars.
+_SOWN = ("aux_loss", "moe_stats")
+
+
 # The only code that knows the model's interface: the task named by ``config.task``
 # (train/tasks.py) builds the model, feeds it a batch and says what the loss sees.
-def _forward(task: tasks.Task, model: nn.Module, params, batch: dict):
-    """(logits [B, T, V] float32, targets [B, T], weights [B, T], summed aux loss)."""
+def _forward(task: tasks.Task, model: nn.Module, variables: dict, batch: dict, *, train: bool):
+    """(logits [B, T, V] float32, targets [B, T], weights [B, T], summed aux loss, collections).
+
+    ``variables``: "params" and any ``STATE_COLLECTIONS`` the model has. ``train``: those
+    state collections are mutable (their new values come back in ``collections``).
+    """
     args, kwargs = task.model_inputs(batch)
-    out, aux_vars = model.apply({"params": params}, *args, **kwargs, mutable=["aux_loss"])
+    mutable = list(_SOWN) + (list(STATE_COLLECTIONS) if train else [])
+    out, new_vars = model.apply(variables, *args, **kwargs, mutable=mutable)
     logits, targets, weights = task.outputs(out, batch)
-    aux_leaves = jax.tree.leaves(aux_vars.get("aux_loss", {}))
+    aux_leaves = jax.tree.leaves(new_vars.get("aux_loss", {}))
     aux = sum((jnp.sum(x.astype(jnp.float32)) for x in aux_leaves), jnp.zeros((), jnp.float32))
-    return logits, targets, weights, aux
+    return logits, targets, weights, aux, new_vars
+
+
+def model_variables(state: dict) -> dict:
+    """The variables ``model.apply`` takes, out of a train state: params and model state."""
+    return {k: state[k] for k in ("params", *STATE_COLLECTIONS) if k in state}
 
 
 # ----------------------------------------------------------------- config
@@ -143,6 +167,10 @@ class Experiment:
     mesh: shd.MeshConfig
     checkpoint: CheckpointConfig
     task: str = "lm"
+    # The headline eval metric ("accuracy", "loss", "bits_per_byte", ...): the command
+    # line prints it last as FINAL EVAL <METRIC>. None = bits per token unit for byte
+    # data, else accuracy (resolved against the data source in ``validate``).
+    metric: str | None = None
     # Read by train/__main__.py before JAX starts (jax.distributed.initialize); kept here
     # so the section is validated with the rest and recorded in config.json.
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -155,15 +183,39 @@ def _plain(x: Any) -> Any:
     return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
 
+# Top-level keys that are values, not sections.
+_TOP_LEVEL_VALUES = ("task", "metric")
+# Written into the workdir: the config as given; train/restore.py rebuilds a run from it.
+RUN_CONFIG = "run_config.json"
+
+
 def parse_config(config: Any) -> Experiment:
     """Validate a config (ConfigDict or dict) into an ``Experiment``; errors name the key.
+
+    Raises ``attn.errors.UserError`` for every bad key or value (``validate`` also checks
+    what needs the data source and the devices).
 
     Example:
       >>> parse_config({"model": {}, "bogus": {}})
       Traceback (most recent call last):
       ...
-      ValueError: unknown config section 'bogus'; known sections: ['checkpoint', 'context_parallel', 'data', 'distributed', 'mesh', 'model', 'optim', 'train']
+      attn.errors.UserError: unknown config section 'bogus'; known sections: ['checkpoint', 'context_parallel', 'data', 'distributed', 'mesh', 'model', 'optim', 'train'] (and values ['metric', 'task'])
     """
+    try:
+        return _parse_config(config)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:
+        # The sections' own checks (dataclass __post_init__ in train/, models/) raise
+        # ValueError or, for a missing required key, TypeError: all caused by the config.
+        raise UserError(_one_line(e)) from e
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _parse_config(config: Any) -> Experiment:
     config = _plain(config)
     task = tasks.get(config.get("task", "lm"))  # ValueError names config.task
     sections: dict[str, Callable[[Any], Any]] = {
@@ -176,13 +228,63 @@ def parse_config(config: Any) -> Experiment:
         "distributed": DistributedConfig.from_dict,
         "context_parallel": cpl.ContextParallelConfig.from_dict,
     }
-    unknown = sorted(set(config) - set(sections) - {"task"})
+    unknown = sorted(set(config) - set(sections) - set(_TOP_LEVEL_VALUES))
     if unknown:
-        raise ValueError(f"unknown config section {unknown[0]!r}; known sections: {sorted(sections)}")
+        raise UserError(f"unknown config section {unknown[0]!r}; known sections: {sorted(sections)} "
+                        f"(and values {sorted(_TOP_LEVEL_VALUES)})")
     if "model" not in config:
-        raise ValueError("config has no 'model' section")
-    return Experiment(task=task.name,
-                      **{name: build(_plain(config.get(name, {}))) for name, build in sections.items()})
+        raise UserError("config has no 'model' section")
+    metric = config.get("metric")
+    if metric is not None and not (isinstance(metric, str) and metric):
+        raise UserError(f"config metric={metric!r}: expected an eval metric name such as 'accuracy'")
+    parsed = {}
+    for name, build in sections.items():
+        try:
+            parsed[name] = build(_plain(config.get(name, {})))
+        except TypeError as e:  # a required key missing (e.g. model.vocab_size)
+            raise UserError(f"config section {name}: {_one_line(e)}") from e
+    exp = Experiment(task=task.name, metric=metric, **parsed)
+    # Attention impl names are checked with the config, so that a typo fails in one
+    # line before anything compiles rather than at trace time inside the first step.
+    for section in ("model", "context_parallel"):
+        check_impl_names(getattr(exp, section), section)
+    return exp
+
+
+def validate(config: Any) -> tuple[Experiment, DataSource]:
+    """Everything about a config that can be checked before compiling; ``UserError`` if not.
+
+    Parses every section (``parse_config``), opens the data source (file errors, token
+    ids out of range), checks the sections against each other and the mesh against the
+    devices (a mesh larger than the machine, a batch that does not split over it) and
+    resolves the headline ``metric``. The checks of the other modules raise
+    ``ValueError`` / ``FileNotFoundError``; here, at the config boundary, those are the
+    user's errors and become ``UserError`` (the original stays as ``__cause__``).
+
+    Returns:
+      (the validated experiment with ``metric`` resolved, the opened data source).
+    """
+    exp = parse_config(config)
+    try:
+        source = make_source(exp.data)
+        _check_compatible(exp, source)
+        mesh = shd.make_mesh(exp.mesh)
+        batch_sharding = shd.batch_sharding(mesh, exp.mesh.logical_rules)
+        _context_parallel(exp, tasks.get(exp.task), mesh)  # its checks only (zigzag, seq_len)
+        _check_batch_divisible("batch_size", exp.data.batch_size, batch_sharding)
+        _check_batch_divisible("eval_batch_size", exp.data.eval_batch_size or exp.data.batch_size,
+                               batch_sharding)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise UserError(_one_line(e)) from e
+    available = ["loss", "accuracy"] + ([f"bits_per_{source.token_unit}"] if source.token_unit else [])
+    # Default headline: bits per token unit for byte-level data, else accuracy.
+    metric = exp.metric or (available[-1] if source.token_unit else "accuracy")
+    if metric not in available:
+        raise UserError(f"config metric={metric!r} is not reported for data.source="
+                        f"{exp.data.source!r}; available: {available}")
+    return dataclasses.replace(exp, metric=metric), source
 
 
 def _check_compatible(exp: Experiment, source: DataSource) -> None:
@@ -242,18 +344,24 @@ def _build_compiled(exp: Experiment) -> _Compiled:
     batch_sharding = shd.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, P())
 
-    def init_boxed(rng):
+    def init_variables(rng):
         args, kwargs = task.model_inputs(task.example_batch(exp.model, exp.data, B))
-        return model.init(rng, *args, **kwargs)["params"]
+        v = model.init(rng, *args, **kwargs)
+        return {k: v[k] for k in ("params", *STATE_COLLECTIONS) if jax.tree.leaves(v.get(k, {}))}
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+        boxed_vars = jax.eval_shape(init_variables, jax.random.key(0))
+    boxed = boxed_vars["params"]
+    carried = tuple(k for k in STATE_COLLECTIONS if k in boxed_vars)  # () without MoE
     # Logical names per parameter: the optimizer may use them (Muon's fan-in axes).
     tx, schedule = make_optimizer(exp.optim, exp.train.num_steps, nn.get_partition_spec(boxed))
 
     def init_state(rng):
-        params = nn.meta.unbox(init_boxed(rng))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        v = nn.meta.unbox(init_variables(rng))
+        params = v["params"]
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        state.update({k: v[k] for k in carried})
+        return state
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_state = jax.eval_shape(init_state, jax.random.key(0))
@@ -263,19 +371,25 @@ def _build_compiled(exp: Experiment) -> _Compiled:
         "params": param_shardings,
         "opt_state": shd.shardings_like_params(abstract_state["opt_state"], abstract_state["params"],
                                                param_shardings, mesh),
+        # Small per-layer vectors (the MoE bias [E]): replicated, as routing reads them whole.
+        **{k: jax.tree.map(lambda _: replicated, abstract_state[k]) for k in carried},
     }
+    variable_shardings = model_variables(state_shardings)
     aux_weight = exp.train.aux_loss_weight
     routed, prepare = _context_parallel(exp, task, mesh)
 
     def train_step(state, batch):
+        model_state = {k: state[k] for k in carried}
+
         def loss_fn(params):
             with routed():
-                logits_BTV, targets_BT, weights_BT, aux = _forward(task, model, params, batch)
+                logits_BTV, targets_BT, weights_BT, aux, new_vars = _forward(
+                    task, model, {"params": params, **model_state}, batch, train=True)
             sums = weighted_sums(logits_BTV, targets_BT, weights_BT)
             ce = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
-            return ce + aux_weight * aux, (ce, aux, sums)
+            return ce + aux_weight * aux, (ce, aux, sums, new_vars)
 
-        (loss, (ce, aux, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, (ce, aux, sums, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -285,12 +399,16 @@ def _build_compiled(exp: Experiment) -> _Compiled:
             "accuracy": sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
+            **moe_scalars(new_vars.get("moe_stats", {})),
         }
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        # The state after this step's forward: the bias moved by this batch's loads.
+        new_state.update({k: new_vars[k] for k in carried})
+        return new_state, metrics
 
-    def eval_step(params, batch):
+    def eval_step(variables, batch):
         with routed():
-            logits_BTV, targets_BT, weights_BT, _ = _forward(task, model, params, batch)
+            logits_BTV, targets_BT, weights_BT, _, _ = _forward(task, model, variables, batch, train=False)
         return weighted_sums(logits_BTV, targets_BT, weights_BT)
 
     return _Compiled(
@@ -306,7 +424,7 @@ def _build_compiled(exp: Experiment) -> _Compiled:
         # rank (labels [B], images [B, H, W, C]); None keeps those placements.
         train_step=jax.jit(train_step, in_shardings=(state_shardings, None),
                            out_shardings=(state_shardings, replicated), donate_argnums=0),
-        eval_step=jax.jit(eval_step, in_shardings=(param_shardings, None),
+        eval_step=jax.jit(eval_step, in_shardings=(variable_shardings, None),
                           out_shardings=replicated),
         prepare=prepare,
     )
@@ -325,7 +443,7 @@ def _context_parallel(exp: Experiment, task: tasks.Task, mesh):
         return contextlib.nullcontext, lambda batch: batch
     refusal = task.zigzag_refusal(exp.model)
     if cp_cfg.zigzag and refusal:
-        raise ValueError(f"context_parallel.zigzag=True is not possible for this model: {refusal}")
+        raise UserError(f"context_parallel.zigzag=True is not possible for this model: {refusal}")
     zigzag = refusal is None and cp_cfg.zigzag is not False
     if zigzag:
         chunks = cpl.STRATEGIES[cp_cfg.strategy].zigzag_chunks(cp, cp_cfg.ulysses_degree)
@@ -333,7 +451,7 @@ def _context_parallel(exp: Experiment, task: tasks.Task, mesh):
         prepare = functools.partial(cpl.permute_batch, perm=perm)
     else:
         if exp.data.seq_len % cp:
-            raise ValueError(f"data.seq_len={exp.data.seq_len} must divide by the context degree "
+            raise UserError(f"data.seq_len={exp.data.seq_len} must divide by the context degree "
                              f"mesh.shape[2]={cp}")
         prepare = lambda batch: batch  # noqa: E731
     return (lambda: cpl.activate(cp_cfg, mesh, zigzag=zigzag)), prepare
@@ -343,16 +461,17 @@ def _context_parallel(exp: Experiment, task: tasks.Task, mesh):
 def _check_batch_divisible(name: str, size: int, sharding: NamedSharding) -> None:
     n = shd.batch_shard_count(sharding)
     if size % n:
-        raise ValueError(f"data.{name}={size} must be divisible by the {n} batch shards of the mesh "
+        raise UserError(f"data.{name}={size} must be divisible by the {n} batch shards of the mesh "
                          f"(mesh.shape data x fsdp)")
 
 
-def _evaluate(c: _Compiled, params, source: DataSource, exp: Experiment) -> dict[str, float]:
-    """Mean loss / accuracy over the fixed eval batches 0..eval_steps-1."""
+def _evaluate(c: _Compiled, state: dict, source: DataSource, exp: Experiment) -> dict[str, float]:
+    """Mean loss / accuracy over the fixed eval batches 0..eval_steps-1 (state unchanged)."""
     B = exp.data.eval_batch_size or exp.data.batch_size
     totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+    variables = model_variables(state)
     for i in range(exp.train.eval_steps):
-        sums = c.eval_step(params, shd.put_batch(c.prepare(source.batch("eval", i, B)), c.batch_sharding))
+        sums = c.eval_step(variables, shd.put_batch(c.prepare(source.batch("eval", i, B)), c.batch_sharding))
         for k, v in jax.device_get(sums).items():
             totals[k] += float(v)  # float64 on the host: no drift over many batches
     return summarize_eval(totals, source.token_unit)
@@ -386,34 +505,34 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     Returns:
       Final metrics: step, train/loss, eval/loss, eval/accuracy (and eval/bits_per_byte
-      for byte-level data), tokens_per_s, wall_time_s.
+      for byte-level data), tokens_per_s, wall_time_s, and ``metric``: the key of the
+      headline one (``"eval/accuracy"``, ``"eval/bits_per_byte"``, ...).
 
     Raises:
-      ValueError: a config key or value is invalid (before anything compiles).
+      attn.errors.UserError: a config key or value, the data or the mesh is invalid
+        (before anything compiles; a ValueError, so ``except ValueError`` still works).
       NonFiniteLossError: the loss, gradient norm or saved state became NaN/inf.
       train.checkpoint.CheckpointError: the workdir cannot be written, a save failed, or
         checkpoints exist but none is loadable (one line each).
       TrainingInterrupted: SIGINT / SIGTERM; the current step was saved first.
     """
     t_start = time.time()
-    exp = parse_config(config)
-    source = make_source(exp.data)
-    _check_compatible(exp, source)
+    exp, source = validate(config)
     # Before compiling: a folder that cannot be written must not cost a run up to its
     # first save (CheckpointError, one line).
     ckpt_dir = os.path.join(workdir, "checkpoints")
     check_writable(workdir, "workdir")
     if exp.checkpoint.enabled:
         check_writable(ckpt_dir, "checkpoint directory")
-    batch_sharding = shd.batch_sharding(shd.make_mesh(exp.mesh), exp.mesh.logical_rules)
-    _check_batch_divisible("batch_size", exp.data.batch_size, batch_sharding)
-    _check_batch_divisible("eval_batch_size", exp.data.eval_batch_size or exp.data.batch_size,
-                           batch_sharding)
     c = _compiled_for(exp)
 
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(exp), f, indent=2, default=str)
+        # The config as given (overrides included), from which restore_trained rebuilds
+        # the run; config.json above is the validated, resolved record.
+        with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
+            json.dump(_plain(config), f, indent=2, default=str)
     ckpt = Checkpointer(ckpt_dir, exp.checkpoint)
     writer = ScalarWriter(os.path.join(workdir, "tb"))
     bar = None
@@ -423,10 +542,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             bar = _progress(exp, start)
             with _StopOnSignal() as stop:
                 state, last = _train_loop(c, exp, source, state, start, ckpt, writer, bar, stop)
-            result = {"step": exp.train.num_steps, **last}
-            result.update(_evaluate(c, state["params"], source, exp))
+            # Per-layer moe/<name>/<layer> scalars go to tensorboard only.
+            result = {"step": exp.train.num_steps, **{k: v for k, v in last.items() if k.count("/") == 1}}
+            result.update(_evaluate(c, state, source, exp))
         writer.write(exp.train.num_steps, {k: v for k, v in result.items() if k.startswith("eval/")})
         result["wall_time_s"] = time.time() - t_start
+        result["metric"] = f"eval/{exp.metric}"  # the headline; the command line prints it last
         summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items()) if k.startswith("eval/"))
         _say(bar, f"final eval at step {exp.train.num_steps}: {summary}")
         return result
@@ -524,12 +645,13 @@ def _train_loop(c, exp, source, state, start, ckpt, writer, bar, stop: _StopOnSi
             if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
                 _stop_non_finite(s, m, ckpt, bar)
         tokens_per_s = steps_since * B * T / max(time.time() - t_last, 1e-9)
-        last = {f"train/{k}": v for k, v in m.items()}
+        # Namespaced metrics (moe/max_load, ...) keep their name; the rest are train/*.
+        last = {(k if "/" in k else f"train/{k}"): v for k, v in m.items()}
         last["train/tokens_per_s"] = tokens_per_s
         writer.write(done, last)
         bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if eval_now and not interrupted:
-            ev = _evaluate(c, state["params"], source, exp)
+            ev = _evaluate(c, state, source, exp)
             writer.write(done, ev)
             _say(bar, f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
         if save_now or (interrupted and exp.checkpoint.enabled):

@@ -1,4 +1,8 @@
-"""Math shared by the TPU and Triton kernel bodies (pure jnp, traced inside kernels).
+"""What the kernel bodies share: in-kernel math (pure jnp, traced inside the TPU, Triton
+and Mosaic GPU kernels) and the static call description of the two GPU kernels.
+
+The XLA side around the kernels (padding, row prep, sinks, the custom VJP) is
+``kernels_pallas.flash.shell``.
 
 Logits are kept in base 2: ``s2 = log2(e) · softcap(scale · q·k)`` so the softmax
 uses ``exp2`` (one multiply folded into the scale that is applied anyway); the lse
@@ -54,52 +58,6 @@ def visibility(qp, kp, qs, ks, kidx, *, left, right, kv_len, kv_padded):
 def clip_window(w):
     """Window sides as int32-safe Python ints (None stays None)."""
     return None if w is None else int(min(w, 2**30))
-
-
-def fit(x, axis: int, n: int):
-    """Pad with zeros or slice ``axis`` of ``x`` to length ``n`` (no-op when equal)."""
-    cur = x.shape[axis]
-    if cur == n:
-        return x
-    if cur > n:
-        return x[(slice(None),) * axis + (slice(0, n),)]
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, n - cur)
-    return jnp.pad(x, widths)
-
-
-def sink_grad(sinks, lse_BNT, D_BNT):
-    """``dsinks[n] = -Σ_{b,t} exp(sink[n] - lse[b,n,t]) · D[b,n,t]`` (None without sinks).
-
-    ``D = rowsum(dO ∘ O) - dlse``; rows with lse = -inf (nothing visible, no sink)
-    contribute 0.
-    """
-    if sinks is None:
-        return None
-    ok = jnp.isfinite(lse_BNT)
-    lse = jnp.where(ok, lse_BNT, 0.0)
-    p = jnp.where(ok, jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse), 0.0)
-    return jnp.sum(-p * D_BNT, axis=(0, 2)).astype(sinks.dtype)
-
-
-def row_delta(do_BTNE, o_BTNE, dlse_BNT):
-    """``D [B, N, T] = rowsum(dO ∘ O) - dlse`` in float32 (the lse cotangent is a row shift)."""
-    D = jnp.einsum("BTNE,BTNE->BNT", do_BTNE.astype(jnp.float32), o_BTNE.astype(jnp.float32))
-    return D - dlse_BNT.astype(jnp.float32)
-
-
-def backward_rows(do_BTNE, o_BTNE, lse_BNT, dlse_BNT, q_padded: int):
-    """Per-row backward inputs, padded to ``q_padded`` rows: ``(D, D_p, lse2_p)``.
-
-    ``D`` is unpadded (for ``sink_grad``); ``lse2_p`` is the lse in base 2 with 0 for
-    fully masked rows and +inf for padded rows, so ``exp2(s - lse2)`` is 0 there
-    whatever ``s`` is.
-    """
-    D = row_delta(do_BTNE, o_BTNE, dlse_BNT)
-    lse2 = jnp.where(jnp.isfinite(lse_BNT), lse_BNT * LOG2E, 0.0)
-    pad = q_padded - lse_BNT.shape[-1]
-    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, pad)), constant_values=jnp.inf)
-    return D, fit(D, 2, q_padded), lse2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Flash attention through Pallas Mosaic GPU: the Hopper (sm90) path, forward + custom VJP.
+"""Flash attention through Pallas Mosaic GPU: the Hopper (sm90) path (plan + kernel ops).
 
 FlashAttention-3 structure (``gpu_kernels.py``): per CTA, one producer warpgroup
 TMA-loads the visited K/V (or Q/dO) blocks into a multi-stage SMEM ring while one or
 two compute warpgroups run ``wgmma`` on them (operands in swizzled SMEM, float32
 accumulators), the two ping-ponging so one's softmax overlaps the other's matmuls.
-The backward is a dQ kernel and a dK/dV kernel (no atomics, deterministic).
+The backward is a dQ kernel and a dK/dV kernel (no atomics, deterministic). Padding,
+row prep, mask extras, sinks, ``out_dtype`` and the custom VJP are the shell's
+(``kernels_pallas.flash.shell``); this module supplies the plan and ``OPS``.
 
 Masks go through ``kernels_pallas.flash.masking`` like every other backend: skipped
 blocks are never loaded, PARTIAL blocks are masked element by element from positions
@@ -34,14 +36,13 @@ Example (on an H100 / H200):
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from attn.masks import Mask
-from kernels_pallas.flash import _compat, masking
-from kernels_pallas.flash._common import LOG2E, backward_rows, fit, gpu_cfg_fields, sink_grad
+from kernels_pallas.flash import _compat, masking, shell
+from kernels_pallas.flash._common import gpu_cfg_fields
 
 name = "mosaic"
 
@@ -71,6 +72,7 @@ class BlockSizes:
 @dataclasses.dataclass(frozen=True)
 class Plan(masking.PlanBase):
     cfg: object  # gpu_kernels.KernelCfg
+    out_dtype: object  # o's dtype (SMEM was sized for it)
     til_f: masking.Tiling
     til_dq: masking.Tiling
     til_dkv: masking.Tiling
@@ -83,26 +85,33 @@ def _round64(x: int) -> int:
     return -(-max(x, 1) // 64) * 64
 
 
-def _stages(user, fixed_bytes, stage_bytes, interpret):
+def _fits(fixed_bytes, stage_bytes) -> int:
+    return (SMEM_BUDGET - fixed_bytes) // stage_bytes
+
+
+def _stages(user, fixed_bytes, stage_bytes, interpret, what="the Mosaic GPU blocks"):
     """Deepest ring (2..4) that fits the SMEM budget next to the fixed tiles."""
     if user is not None:
         return user
-    fit_n = (SMEM_BUDGET - fixed_bytes) // stage_bytes
+    fit_n = _fits(fixed_bytes, stage_bytes)
     if fit_n < 2 and not interpret:
         raise NotImplementedError(
-            f"the Mosaic GPU blocks do not fit in shared memory ({fixed_bytes + 2 * stage_bytes} "
+            f"{what} do not fit in shared memory ({fixed_bytes + 2 * stage_bytes} "
             f"bytes for 2 stages > {SMEM_BUDGET})")
     return int(max(2, min(4, fit_n)))
 
 
 def make_plan(q_shape, k_shape, v_shape, mask: Mask, *, scale: float, softcap, has_sinks: bool,
               dtype=jnp.bfloat16, block_sizes: BlockSizes | None = None,
-              interpret: bool = False) -> Plan:
+              interpret: bool = False, out_dtype=None) -> Plan:
     """Static plan for a call; raises ``NotImplementedError`` with the reason if none fits.
 
     Shapes: ``q_shape [B, T, N, H]``, ``k_shape [B, S, K, H]``, ``v_shape [B, S, K, E]``.
     Head dims are padded to multiples of 64 (128-byte swizzled tiles); forward and dQ
-    CTAs own ``64·warpgroups`` query rows, dK/dV CTAs ``64·warpgroups`` keys.
+    CTAs own ``64·warpgroups`` query rows, dK/dV CTAs ``64·warpgroups`` keys. A float32
+    ``out_dtype`` stages O in its own float32 SMEM tile; when the K/V ring then no longer
+    fits two stages, the forward key block halves to 64, then the forward drops to one
+    compute warpgroup (what still does not fit is refused with the reason).
 
     Example:
       >>> from attn.masks import Mask
@@ -132,109 +141,78 @@ def make_plan(q_shape, k_shape, v_shape, mask: Mask, *, scale: float, softcap, h
     nwg_q = bs.warpgroups or (1 if T <= WG_ROWS else 2)
     nwg_k = bs.warpgroups or (1 if S <= WG_ROWS else 2)
     row_bytes = (Hp + Ep) * item
-    o_extra = 0 if Ep == Hp else nwg_q * WG_ROWS * Ep * item
-    launch_f = kern.Launch(nwg_q, _stages(bs.stages, nwg_q * WG_ROWS * Hp * item + o_extra,
-                                          ck * row_bytes, interpret))
+    odt = jnp.dtype(out_dtype or dtype)
+    cfg = kern.KernelCfg(**gpu_cfg_fields(B, T, S, N, K, Hp, Ep, mask, scale=scale, softcap=softcap,
+                                          has_sinks=has_sinks, interpret=interpret))
+    # The forward stages O in SMEM for its TMA store: in Q's tile when shape and dtype
+    # agree, else (E != H, or a float32 O from bf16 inputs) in a tile of its own, which
+    # leaves less room for the K/V ring: then the key block halves to 64 and, if that is
+    # not enough, the forward runs one compute warpgroup per CTA (its own tiling).
+    o_item = 0 if kern.o_reuses_q_tile(cfg, dtype, odt) else odt.itemsize
+    nwg_f = nwg_q
+    fwd_fixed = lambda nwg: nwg * WG_ROWS * (Hp * item + Ep * o_item)  # noqa: E731
+    tight = lambda: bs.stages is None and _fits(fwd_fixed(nwg_f), ck * row_bytes) < 2  # noqa: E731
+    if bs.block_kv is None and ck > 64 and tight():
+        ck = 64
+    if bs.warpgroups is None and nwg_f == 2 and tight():
+        nwg_f = 1
+    launch_f = kern.Launch(nwg_f, _stages(bs.stages, fwd_fixed(nwg_f), ck * row_bytes, interpret,
+                                          what=f"the Mosaic GPU forward blocks with a {odt} O tile"))
     launch_dq = kern.Launch(nwg_q, _stages(bs.stages, nwg_q * WG_ROWS * row_bytes,
                                            ck_dq * row_bytes, interpret))
     launch_dkv = kern.Launch(nwg_k, _stages(bs.stages, nwg_k * WG_ROWS * row_bytes,
                                             cq_dkv * row_bytes, interpret))
     tils = []
-    for cq, cki in ((nwg_q * WG_ROWS, ck), (nwg_q * WG_ROWS, ck_dq), (cq_dkv, nwg_k * WG_ROWS)):
+    for cq, cki in ((nwg_f * WG_ROWS, ck), (nwg_q * WG_ROWS, ck_dq), (cq_dkv, nwg_k * WG_ROWS)):
         reason = masking.block_mask_fits(mask, T, S, cq, cki)
         if reason:
             raise NotImplementedError(reason)
         tils.append(masking.make_tiling(mask, batch=B, q_len=T, kv_len=S, num_heads=N,
                                         block_q=cq, block_kv=cki))
-    cfg = kern.KernelCfg(**gpu_cfg_fields(B, T, S, N, K, Hp, Ep, mask, scale=scale, softcap=softcap,
-                                          has_sinks=has_sinks, interpret=interpret))
     return Plan(H=H, E=E, causal=mask.causal, window=mask.window,
                 mask_block_size=mask.block_size if mask.block_mask is not None else None,
-                cfg=cfg, til_f=tils[0], til_dq=tils[1], til_dkv=tils[2], launch_f=launch_f,
-                launch_dq=launch_dq, launch_dkv=launch_dkv)
-
-
-def _extras(mask: Mask, til: masking.Tiling):
-    toks = masking.tokens(mask, til)
-    out = {}
-    if mask.q_positions is not None:
-        out["qpos"] = toks.q_pos
-    if mask.kv_positions is not None:
-        out["kvpos"] = toks.kv_pos
-    if mask.has_segments:
-        out["qseg"], out["kvseg"] = toks.q_seg, toks.kv_seg
-    return out
+                cfg=cfg, out_dtype=odt, til_f=tils[0], til_dq=tils[1], til_dkv=tils[2],
+                launch_f=launch_f, launch_dq=launch_dq, launch_dkv=launch_dkv)
 
 
 def _interpret_params(plan: Plan):
     return _compat.mgpu_interpret_params() if plan.cfg.interpret else None
 
 
-def _forward(q, k, v, sinks, aux, plan: Plan):
+# The kernel's part of the shell contract: its three pallas_calls (layout: the public one).
+def _forward(plan: Plan, til, table, q, k, v, extras, sinks2, *, out_dtype, debug):
     from kernels_pallas.flash import gpu_kernels as kern
 
-    cfg, til = plan.cfg, plan.til_f
-    mask = plan.mask(aux)
-    table, _ = masking.tables(masking.classify(mask, til), til, transposed=False)
-    qp = fit(fit(q, 1, til.q_padded), 3, cfg.Hp)
-    kp = fit(fit(k, 1, til.kv_padded), 3, cfg.Hp)
-    vp = fit(fit(v, 1, til.kv_padded), 3, cfg.Ep)
-    sinks2 = None if sinks is None else sinks.astype(jnp.float32) * LOG2E
-    o, lse = kern.forward(cfg, til, plan.launch_f, table, qp, kp, vp, _extras(mask, til), sinks2,
-                          interpret=_interpret_params(plan))
-    return o[:, :cfg.T, :, :plan.E], lse[:, :, :cfg.T]
+    if jnp.dtype(out_dtype) != plan.out_dtype:
+        raise ValueError(f"planned for o in {plan.out_dtype}, asked for {out_dtype}")
+    o, lse = kern.forward(plan.cfg, til, plan.launch_f, table, q, k, v, extras, sinks2,
+                          out_dtype=out_dtype, interpret=_interpret_params(plan))
+    return o, lse, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, sinks, aux, plan):
-    return _forward(q, k, v, sinks, aux, plan)
-
-
-def _flash_fwd(q, k, v, sinks, aux, plan):
-    o, lse = _forward(q, k, v, sinks, aux, plan)
-    return (o, lse), (q, k, v, o, lse, sinks, aux)
-
-
-def _flash_bwd(plan: Plan, res, cts):
+def _backward_dq(plan: Plan, til, table, q, k, v, do, lse2, d, extras):
     from kernels_pallas.flash import gpu_kernels as kern
 
-    q, k, v, o, lse, sinks, aux = res
-    do, dlse = cts
-    cfg = plan.cfg
-    mask = plan.mask(aux)
-    ip = _interpret_params(plan)
-    D, _, _ = backward_rows(do, o, lse, dlse, cfg.T)
-
-    def padded(til):
-        # dQ and dK/dV tile differently (rows per CTA on opposite sides): own padding.
-        _, D_p, lse2 = backward_rows(do, o, lse, dlse, til.q_padded)
-        return (fit(fit(q, 1, til.q_padded), 3, cfg.Hp), fit(fit(k, 1, til.kv_padded), 3, cfg.Hp),
-                fit(fit(v, 1, til.kv_padded), 3, cfg.Ep),
-                fit(fit(do.astype(q.dtype), 1, til.q_padded), 3, cfg.Ep), lse2, D_p)
-
-    til = plan.til_dq
-    table, _ = masking.tables(masking.classify(mask, til), til, transposed=False)
-    (dq,) = kern.backward_dq(cfg, til, plan.launch_dq, table, *padded(til), _extras(mask, til),
-                          interpret=ip)
-    til = plan.til_dkv
-    _, table_t = masking.tables(masking.classify(mask, til), til)
-    dk, dv = kern.backward_dkv(cfg, til, plan.launch_dkv, table_t, *padded(til),
-                               _extras(mask, til), interpret=ip)
-    return (dq[:, :cfg.T, :, :plan.H], dk[:, :cfg.S, :, :plan.H], dv[:, :cfg.S, :, :plan.E],
-            sink_grad(sinks, lse, D), None)
+    (dq,) = kern.backward_dq(plan.cfg, til, plan.launch_dq, table, q, k, v, do, lse2, d, extras,
+                             interpret=_interpret_params(plan))
+    return dq
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+def _backward_dkv(plan: Plan, til, table_t, q, k, v, do, lse2, d, extras):
+    from kernels_pallas.flash import gpu_kernels as kern
+
+    return kern.backward_dkv(plan.cfg, til, plan.launch_dkv, table_t, q, k, v, do, lse2, d,
+                             extras, interpret=_interpret_params(plan))
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
-def _run(q, k, v, sinks, aux, plan):
-    return _flash(q, k, v, sinks, aux, plan)
+OPS = shell.KernelOps(name="mosaic", forward=_forward, backward_dq=_backward_dq,
+                      backward_dkv=_backward_dkv)
 
 
 def flash_attention_mosaic(q, k, v, *, mask: Mask | None = None, scale: float | None = None,
                            softcap: float | None = None, sinks=None,
-                           block_sizes: BlockSizes | None = None, interpret: bool = False):
+                           block_sizes: BlockSizes | None = None, interpret: bool = False,
+                           out_dtype=None):
     """Flash attention through Pallas Mosaic GPU (Hopper); differentiable in q, k, v, sinks.
 
     Args:
@@ -245,9 +223,11 @@ def flash_attention_mosaic(q, k, v, *, mask: Mask | None = None, scale: float | 
       sinks: ``[N]`` sink logits.
       block_sizes: ``BlockSizes`` overrides (default: ``make_plan``'s choice).
       interpret: run the kernels in Pallas' GPU interpret mode on any platform (CPU tests).
+      out_dtype: dtype of ``o``; default the input dtype. ``jnp.float32`` writes the
+        float32 accumulator out unrounded (for callers that merge partial results).
 
     Returns:
-      ``(o [B, T, N, E] in q.dtype, lse [B, N, T] float32)``.
+      ``(o [B, T, N, E] in out_dtype, lse [B, N, T] float32)``.
 
     Example (sm90 GPU):
       >>> import jax, jax.numpy as jnp
@@ -256,12 +236,12 @@ def flash_attention_mosaic(q, k, v, *, mask: Mask | None = None, scale: float | 
       >>> flash_attention_mosaic(x, x, x)[0].shape  # doctest: +SKIP
       (1, 8, 2, 64)
     """
-    mask = Mask() if mask is None else mask
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask, scale = shell.defaults(q, mask, scale)
+    out_dtype = shell.resolve_out_dtype(q.dtype, out_dtype)
     plan = make_plan(q.shape, k.shape, v.shape, mask, scale=scale, softcap=softcap,
                      has_sinks=sinks is not None, dtype=q.dtype, block_sizes=block_sizes,
-                     interpret=interpret)
-    return _run(q, k, v, sinks, masking.mask_aux(mask), plan)
+                     interpret=interpret, out_dtype=out_dtype)
+    return shell.run(OPS, plan, q, k, v, mask=mask, sinks=sinks, out_dtype=out_dtype)
 
 
 # --------------------------------------------------------------------------- plug-in
@@ -286,13 +266,15 @@ def device_reason() -> str | None:
     return None
 
 
-def supports(call, *, interpret: bool) -> str | None:
-    """None if the Mosaic GPU kernel serves ``call`` (an ``attn.core.AttentionCall``).
+def supports(call, *, interpret: bool, out_dtype=None) -> str | None:
+    """None if the Mosaic GPU kernel serves ``call`` (an ``attn.core.AttentionCall``)
+    with ``o`` in ``out_dtype`` (default the input dtype).
 
-    Refuses with the reason: no Mosaic GPU in this JAX, a non-sm90 device (unless
-    interpreting), dtypes other than bf16/fp16 (float32 only in interpret mode), bias,
-    ``Mask.dense``, head dims above 256, and block masks whose blocks are not
-    multiples of the kernel's 64-row tiles.
+    Refuses with the reason: no Mosaic GPU in this JAX, a non-sm90 device, interpret
+    mode (``INTERPRET_REASON``), dtypes other than bf16/fp16, bias, ``Mask.dense``, head
+    dims above 256, block masks whose blocks are not multiples of the kernel's 64-row
+    tiles, and blocks that do not fit in shared memory (with a float32 ``o``: head dims
+    256/256).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -314,22 +296,22 @@ def supports(call, *, interpret: bool) -> str | None:
                 "mode); the Triton kernel serves other dtypes")
     if interpret:
         return INTERPRET_REASON
-    if not interpret:
-        if call.platform != "gpu":
-            return f"needs a GPU (platform is {call.platform})"
-        reason = device_reason()
-        if reason:
-            return reason
+    if call.platform != "gpu":
+        return f"needs a GPU (platform is {call.platform})"
+    reason = device_reason()
+    if reason:
+        return reason
     try:
         make_plan(call.q_shape, call.k_shape, call.v_shape, call.mask, scale=call.scale,
-                  softcap=call.softcap, has_sinks=call.has_sinks, dtype=dt, interpret=interpret)
+                  softcap=call.softcap, has_sinks=call.has_sinks, dtype=dt, interpret=interpret,
+                  out_dtype=out_dtype)
     except NotImplementedError as e:
         return str(e)
     return None
 
 
-def attention(q, k, v, *, mask, scale, softcap, sinks, interpret):
-    """The ``register.py`` entry: ``(o [B, T, N, E], lse [B, N, T] float32)``.
+def attention(q, k, v, *, mask, scale, softcap, sinks, interpret, out_dtype=None):
+    """The ``register.py`` entry: ``(o [B, T, N, E] in out_dtype, lse [B, N, T] float32)``.
 
     Example (sm90 GPU):
       >>> import jax, jax.numpy as jnp
@@ -339,4 +321,4 @@ def attention(q, k, v, *, mask, scale, softcap, sinks, interpret):
       (1, 2, 8)
     """
     return flash_attention_mosaic(q, k, v, mask=mask, scale=scale, softcap=softcap, sinks=sinks,
-                                  interpret=interpret)
+                                  interpret=interpret, out_dtype=out_dtype)

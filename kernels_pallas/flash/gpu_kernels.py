@@ -1,6 +1,7 @@
 """Pallas Mosaic GPU (Hopper, sm90) kernel bodies: forward, dQ and dK/dV.
 
-Internal module: ``kernels_pallas.flash.gpu`` owns the public API, the plan and the VJP.
+Internal module: ``kernels_pallas.flash.gpu`` owns the public API and the plan,
+``kernels_pallas.flash.shell`` the padding and the VJP.
 
 Every kernel is warp specialised in the FlashAttention-3 way. A CTA runs
 ``nwg`` compute warpgroups (each owns 64 rows, the wgmma M) plus one producer
@@ -240,20 +241,26 @@ def _barriers(launch, *ring, sched=False):
 
 
 # --------------------------------------------------------------------------- forward
+def o_reuses_q_tile(cfg: KernelCfg, dtype, out_dtype) -> bool:
+    """O is staged in Q's SMEM tile when shape and dtype agree (Q is dead after the loop)."""
+    return cfg.Ep == cfg.Hp and jnp.dtype(out_dtype) == jnp.dtype(dtype)
+
+
 def forward(cfg: KernelCfg, til: Tiling, launch: Launch, table, q, k, v, extras, sinks2,
-            *, interpret=None):
-    """Forward kernel: ``o [B, Tp, N, Ep]``, ``lse [B, N, Tp]`` (natural log)."""
+            *, out_dtype=None, interpret=None):
+    """Forward kernel: ``o [B, Tp, N, Ep]`` in ``out_dtype`` (default q's: a float32 ``o``
+    is the accumulator unrounded, staged in its own SMEM tile), ``lse [B, N, Tp]``."""
     nwg, st, Ck, G = launch.nwg, launch.stages, til.block_kv, cfg.G
     assert til.block_q == nwg * WG
     dt = q.dtype
+    odt = jnp.dtype(out_dtype or dt)
     names = ["tab", "q", "k", "v"] + _extras(cfg) + (["sinks"] if cfg.has_sinks else [])
     args = [table, q, k, v] + [extras[n] for n in _extras(cfg)] + (
         [sinks2] if cfg.has_sinks else [])
-    out_types = [("o", jax.ShapeDtypeStruct((cfg.B, til.q_padded, cfg.N, cfg.Ep), dt)),
+    out_types = [("o", jax.ShapeDtypeStruct((cfg.B, til.q_padded, cfg.N, cfg.Ep), odt)),
                  ("lse", jax.ShapeDtypeStruct((cfg.B, cfg.N, til.q_padded), jnp.float32))]
-    # O reuses Q's tile when the head dims agree (Q is dead once the loop ends).
     scratch = [("q_smem", _smem((nwg, WG, cfg.Hp), dt))] + (
-        [] if cfg.Ep == cfg.Hp else [("o_smem", _smem((nwg, WG, cfg.Ep), dt))]) + [
+        [] if o_reuses_q_tile(cfg, dt, odt) else [("o_smem", _smem((nwg, WG, cfg.Ep), odt))]) + [
                ("lse_smem", plgpu.SMEM((nwg, WG), jnp.float32)),
                ("k_smem", _smem((st, Ck, cfg.Hp), dt)),
                ("v_smem", _smem((st, Ck, cfg.Ep), dt)),
@@ -336,7 +343,7 @@ def forward(cfg: KernelCfg, til: Tiling, launch: Launch, table, q, k, v, extras,
             l_safe = jnp.where(seen, l, 1.0)
             o_smem = r.get("o_smem", r["q_smem"]).at[wg]
             lse_smem = r["lse_smem"].at[wg]
-            o_smem[...] = (acc / _row(l_safe, acc.shape)).astype(dt)
+            o_smem[...] = (acc / _row(l_safe, acc.shape)).astype(odt)
             lse_smem[...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, r["o"].at[b, pl.ds(q0, WG), n])

@@ -1,4 +1,4 @@
-"""Flash attention through Pallas Triton: the portable GPU path (forward + custom VJP).
+"""Flash attention through Pallas Triton: the portable GPU path (plan + the shell's kernel ops).
 
 For GPUs other than Hopper (the Mosaic GPU kernel in ``gpu.py`` serves Hopper), and
 testable on CPU with ``interpret=True``. Operands stay in ``[B, T, N, H]``: a program
@@ -10,7 +10,9 @@ Block skipping comes from ``kernels_pallas.flash.masking``: each program loops o
 its visit-table row only (skipped key blocks are never loaded), and partial blocks
 take the masked branch of a ``lax.cond``. The backward is FlashAttention-2: a dQ
 kernel over the same rows and a dK/dV kernel over the transposed table, looping over
-the G query heads of its kv head (no atomics, deterministic).
+the G query heads of its kv head (no atomics, deterministic). Padding, row prep,
+mask extras, sinks, ``out_dtype`` and the custom VJP are the shell's
+(``kernels_pallas.flash.shell``); this module supplies the plan and ``OPS``.
 
 Example:
   >>> import jax
@@ -26,16 +28,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
-
-import jax
-import jax.numpy as jnp
 
 from attn.masks import Mask
 from kernels_pallas.flash import gpu_triton_kernels as kern
-from kernels_pallas.flash import masking
-from kernels_pallas.flash._common import LOG2E, backward_rows, fit, gpu_cfg_fields, sink_grad
+from kernels_pallas.flash import masking, shell
+from kernels_pallas.flash._common import gpu_cfg_fields
+from kernels_pallas.flash.shell import fit
 
 
 class TritonBlocks(NamedTuple):
@@ -75,7 +74,15 @@ class BlockSizes:
 class Plan(masking.PlanBase):
     cfg: kern.KernelCfg
     til_f: masking.Tiling
-    til_b: masking.Tiling
+    til_b: masking.Tiling  # dQ and dK/dV share one backward tiling
+
+    @property
+    def til_dq(self) -> masking.Tiling:
+        return self.til_b
+
+    @property
+    def til_dkv(self) -> masking.Tiling:
+        return self.til_b
 
 
 def _pow2(x: int) -> int:
@@ -138,74 +145,29 @@ def _pad_table(table):
     return fit(table, table.ndim - 1, _pow2(table.shape[-1]))
 
 
-def _extras(mask: Mask, til: masking.Tiling):
-    toks = masking.tokens(mask, til)
-    out = {}
-    if mask.q_positions is not None:
-        out["qpos"] = toks.q_pos
-    if mask.kv_positions is not None:
-        out["kvpos"] = toks.kv_pos
-    if mask.has_segments:
-        out["qseg"], out["kvseg"] = toks.q_seg, toks.kv_seg
-    return out
+# The kernel's part of the shell contract: its three pallas_calls (layout: the public one).
+def _forward(plan: Plan, til, table, q, k, v, extras, sinks2, *, out_dtype, debug):
+    return kern.forward(plan.cfg, til, _pad_table(table), q, k, v, extras, sinks2,
+                        out_dtype=out_dtype, debug=debug)
 
 
-def _forward(q, k, v, sinks, aux, plan: Plan, debug: bool):
-    cfg, til = plan.cfg, plan.til_f
-    mask = plan.mask(aux)
-    table, _ = masking.tables(masking.classify(mask, til), til, transposed=False)
-    qp = fit(fit(q, 1, til.q_padded), 3, cfg.Hp)
-    kp = fit(fit(k, 1, til.kv_padded), 3, cfg.Hp)
-    vp = fit(fit(v, 1, til.kv_padded), 3, cfg.Ep)
-    sinks2 = None if sinks is None else sinks.astype(jnp.float32) * LOG2E
-    o, lse, dbg = kern.forward(cfg, til, _pad_table(table), qp, kp, vp, _extras(mask, til),
-                               sinks2, debug=debug)
-    return o[:, :cfg.T, :, :plan.E], lse[:, :, :cfg.T], (qp, kp, vp), dbg
+def _backward_dq(plan: Plan, til, table, q, k, v, do, lse2, d, extras):
+    return kern.backward_dq(plan.cfg, til, _pad_table(table), q, k, v, do, lse2, d, extras)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, sinks, aux, plan):
-    o, lse, _, _ = _forward(q, k, v, sinks, aux, plan, False)
-    return o, lse
+def _backward_dkv(plan: Plan, til, table_t, q, k, v, do, lse2, d, extras):
+    return kern.backward_dkv(plan.cfg, til, _pad_table(table_t), q, k, v, do, lse2, d, extras)
 
 
-def _flash_fwd(q, k, v, sinks, aux, plan):
-    o, lse, padded, _ = _forward(q, k, v, sinks, aux, plan, False)
-    return (o, lse), (padded, o, lse, sinks, aux)
-
-
-def _flash_bwd(plan: Plan, res, cts):
-    (qp, kp, vp), o, lse, sinks, aux = res
-    do, dlse = cts
-    cfg, til = plan.cfg, plan.til_b
-    mask = plan.mask(aux)
-    table, table_t = masking.tables(masking.classify(mask, til), til)
-    qp = fit(qp, 1, til.q_padded)
-    kp, vp = fit(kp, 1, til.kv_padded), fit(vp, 1, til.kv_padded)
-    do_p = fit(fit(do, 1, til.q_padded), 3, cfg.Ep)
-    D, D_p, lse2 = backward_rows(do, o, lse, dlse, til.q_padded)
-    extras = _extras(mask, til)
-    dq = kern.backward_dq(cfg, til, _pad_table(table), qp, kp, vp, do_p, lse2, D_p, extras)
-    dk, dv = kern.backward_dkv(cfg, til, _pad_table(table_t), qp, kp, vp, do_p, lse2, D_p, extras)
-    return (dq[:, :cfg.T, :, :plan.H], dk[:, :cfg.S, :, :plan.H], dv[:, :cfg.S, :, :plan.E],
-            sink_grad(sinks, lse, D), None)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-@functools.partial(jax.jit, static_argnames=("plan", "debug"))
-def _run(q, k, v, sinks, aux, plan, debug):
-    if not debug:
-        return _flash(q, k, v, sinks, aux, plan)
-    o, lse, _, dbg = _forward(q, k, v, sinks, aux, plan, True)
-    return o, lse, {"visited": dbg[..., 0], "partial": dbg[..., 1]}
+OPS = shell.KernelOps(name="triton", forward=_forward, backward_dq=_backward_dq,
+                      backward_dkv=_backward_dkv,
+                      debug_counts=lambda dbg, plan: {"visited": dbg[..., 0], "partial": dbg[..., 1]})
 
 
 def flash_attention_triton(q, k, v, *, mask: Mask | None = None, scale: float | None = None,
                            softcap: float | None = None, sinks=None,
                            block_sizes: BlockSizes | None = None, interpret: bool = False,
-                           debug: bool = False):
+                           out_dtype=None, debug: bool = False):
     """Flash attention through Pallas Triton; differentiable in q, k, v and sinks.
 
     Args:
@@ -215,11 +177,13 @@ def flash_attention_triton(q, k, v, *, mask: Mask | None = None, scale: float | 
       sinks: ``[N]`` sink logits.
       block_sizes: ``BlockSizes`` overrides (default: ``default_blocks``).
       interpret: run the kernels with ``interpret=True`` on any platform (CPU tests).
+      out_dtype: dtype of ``o``; default the input dtype. ``jnp.float32`` writes the
+        float32 accumulator out unrounded (for callers that merge partial results).
       debug: forward only; also return ``{"visited", "partial"}``, each ``[B, N, nQ]``
         int32: key blocks the kernel processed per query block (counted in-kernel).
 
     Returns:
-      ``(o [B, T, N, E] in q.dtype, lse [B, N, T] float32)`` (+ the debug dict).
+      ``(o [B, T, N, E] in out_dtype, lse [B, N, T] float32)`` (+ the debug dict).
 
     Example:
       >>> import jax
@@ -228,8 +192,7 @@ def flash_attention_triton(q, k, v, *, mask: Mask | None = None, scale: float | 
       >>> flash_attention_triton(x, x, x, interpret=True)[0].shape
       (1, 8, 2, 16)
     """
-    mask = Mask() if mask is None else mask
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask, scale = shell.defaults(q, mask, scale)
     plan = make_plan(q.shape, k.shape, v.shape, mask, scale=scale, softcap=softcap,
                      has_sinks=sinks is not None, block_sizes=block_sizes, interpret=interpret)
-    return _run(q, k, v, sinks, masking.mask_aux(mask), plan, debug)
+    return shell.run(OPS, plan, q, k, v, mask=mask, sinks=sinks, out_dtype=out_dtype, debug=debug)

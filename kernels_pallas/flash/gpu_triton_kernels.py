@@ -1,6 +1,7 @@
 """Pallas Triton kernel bodies and ``pallas_call`` builders (forward, dQ, dK/dV).
 
-Internal module: ``kernels_pallas.flash.gpu_triton`` owns the public API and the VJP.
+Internal module: ``kernels_pallas.flash.gpu_triton`` owns the public API and the plan,
+``kernels_pallas.flash.shell`` the padding and the VJP.
 Operands stay in the public ``[B, T, N, H]`` layout (padded by the caller to block
 multiples and power-of-two head dims, which Triton tensors need); a program owns one
 (query block, batch, head) and loops over its visit-table row with a ``fori_loop``,
@@ -145,8 +146,10 @@ def _fwd_kernel(*refs, cfg: KernelCfg, til: Tiling, names, debug):
         r["dbg"][...] = jnp.where(jnp.arange(2) == 0, cnt, pcnt)
 
 
-def forward(cfg: KernelCfg, til: Tiling, table, q, k, v, extras, sinks2, *, debug=False):
-    """Forward kernel: ``o [B, Tp, N, Ep]``, ``lse [B, N, Tp]`` (natural log), debug."""
+def forward(cfg: KernelCfg, til: Tiling, table, q, k, v, extras, sinks2, *, out_dtype=None,
+            debug=False):
+    """Forward kernel: ``o [B, Tp, N, Ep]`` in ``out_dtype`` (default q's), ``lse [B, N, Tp]``
+    (natural log), debug counts or None."""
     B, N, G = cfg.B, cfg.N, cfg.G
     Cq, Sp, nQ, W = til.block_q, til.kv_padded, til.num_q_blocks, table.shape[-1]
     specs = [
@@ -161,7 +164,7 @@ def forward(cfg: KernelCfg, til: Tiling, table, q, k, v, extras, sinks2, *, debu
         args.append(sinks2)
     out_specs = [("o", pl.BlockSpec((None, Cq, None, cfg.Ep), lambda i, b, h: (b, i, h, 0))),
                  ("lse", pl.BlockSpec((None, None, Cq), lambda i, b, h: (b, h, i)))]
-    out_shape = [jax.ShapeDtypeStruct((B, til.q_padded, N, cfg.Ep), q.dtype),
+    out_shape = [jax.ShapeDtypeStruct((B, til.q_padded, N, cfg.Ep), out_dtype or q.dtype),
                  jax.ShapeDtypeStruct((B, N, til.q_padded), jnp.float32)]
     if debug:
         out_specs.append(("dbg", pl.BlockSpec((None, None, None, 2), lambda i, b, h: (b, h, i, 0))))

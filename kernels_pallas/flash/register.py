@@ -5,8 +5,8 @@ Registered implementations:
 * ``pallas_tpu``           the Mosaic TPU kernel; needs ``platform == "tpu"``.
 * ``pallas_gpu``           the best GPU kernel available (``resolve_gpu_kernel``): the
                            Hopper (Mosaic GPU) kernel of ``kernels_pallas/flash/gpu.py``
-                           once that module exists and accepts the call, else the
-                           Pallas Triton kernel; needs ``platform == "gpu"``.
+                           when it accepts the call (an sm90 device, bf16/fp16), else
+                           the Pallas Triton kernel; needs ``platform == "gpu"``.
 * ``pallas_triton``        the Pallas Triton kernel alone; needs ``platform == "gpu"``.
 * ``pallas_mosaic_gpu``    the Mosaic GPU (Hopper, sm90) kernel alone.
 * ``pallas_tpu_interpret`` the same TPU kernel run with ``pltpu.InterpretParams()``;
@@ -19,6 +19,10 @@ Registered implementations:
 ``pallas_gpu`` is an alias: it logs once which kernel it resolved to and why the
 Mosaic GPU kernel refused.
 
+Every name is registered with ``float32_out=True``: its ``fn`` also takes
+``out_dtype=`` (float32: the kernel's accumulator written out unrounded), which the
+context-parallel ring asks for so block outputs are merged before any rounding.
+
 **Interpret mode is part of the contract:** the ``*_interpret`` names run the exact
 kernel code on any platform (``supports()`` returns None on CPU), for tests and for CPU
 users who want the kernels' semantics; they are slow and never chosen by ``"auto"``
@@ -30,8 +34,10 @@ bias would have to be streamed per block — use ``xla`` / ``xla_chunked``),
 classification of ``masking.py`` does not know it), a ``block_mask`` whose block size is
 not a multiple of a legal kernel block, and float64 on hardware.
 
-A Hopper module plugs in by defining ``supports(call, *, interpret) -> str | None`` and
-``attention(q, k, v, *, mask, scale, softcap, sinks, interpret) -> (o, lse)``.
+A GPU kernel module plugs in by defining ``name``, ``supports(call, *, interpret,
+out_dtype=None) -> str | None`` and ``attention(q, k, v, *, mask, scale, softcap, sinks,
+interpret, out_dtype=None) -> (o, lse)``; the custom VJP around its pallas_calls is
+``kernels_pallas.flash.shell``'s.
 
 Example:
   >>> import jax
@@ -47,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 
@@ -99,11 +106,11 @@ def _tpu_supports(interpret: bool):
 
 
 def _tpu_fn(interpret: bool):
-    def fn(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse):
+    def fn(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, out_dtype=None):
         if bias is not None:
             raise NotImplementedError(BIAS_REASON)
         return tpu.flash_attention_tpu(q, k, v, mask=mask, scale=scale, softcap=softcap,
-                                       sinks=sinks, interpret=interpret)
+                                       sinks=sinks, interpret=interpret, out_dtype=out_dtype)
     return fn
 
 
@@ -114,16 +121,17 @@ class _TritonKernel:
     name = "triton"
 
     @staticmethod
-    def supports(call: core.AttentionCall, *, interpret: bool) -> str | None:
+    def supports(call: core.AttentionCall, *, interpret: bool, out_dtype=None) -> str | None:
         if not _compat.triton_available():
             return "this JAX has no Pallas Triton backend"
         return (_common_reason(call, interpret=interpret, max_head_dim=256)
                 or _plan_reason(gpu_triton.make_plan, call, interpret))
 
     @staticmethod
-    def attention(q, k, v, *, mask, scale, softcap, sinks, interpret):
+    def attention(q, k, v, *, mask, scale, softcap, sinks, interpret, out_dtype=None):
         return gpu_triton.flash_attention_triton(q, k, v, mask=mask, scale=scale,
-                                                 softcap=softcap, sinks=sinks, interpret=interpret)
+                                                 softcap=softcap, sinks=sinks, interpret=interpret,
+                                                 out_dtype=out_dtype)
 
 
 def _gpu_candidates():
@@ -137,11 +145,12 @@ def _gpu_candidates():
     return ([hopper] if hopper is not None else []) + [_TritonKernel]
 
 
-def resolve_gpu_kernel(call: core.AttentionCall, *, interpret: bool = False):
+def resolve_gpu_kernel(call: core.AttentionCall, *, interpret: bool = False, out_dtype=None):
     """The GPU kernel that serves ``call``: ``(kernel, None)`` or ``(None, reasons)``.
 
     Tries the Hopper kernel (``kernels_pallas.flash.gpu``) first, then Triton; each
-    candidate's ``supports`` decides (the Hopper one checks the device generation).
+    candidate's ``supports`` decides (the Hopper one checks the device generation, and
+    whether its blocks fit shared memory with ``o`` in ``out_dtype``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -152,7 +161,7 @@ def resolve_gpu_kernel(call: core.AttentionCall, *, interpret: bool = False):
     """
     reasons = []
     for cand in _gpu_candidates():
-        reason = cand.supports(call, interpret=interpret)
+        reason = cand.supports(call, interpret=interpret, out_dtype=out_dtype)
         if reason is None:
             name = getattr(cand, "name", getattr(cand, "__name__", "?"))
             # Logged once per (kernel, refusals) with why the better one refused: the
@@ -181,11 +190,11 @@ def _kernel_supports(get_kernel, interpret: bool):
 
 
 def _kernel_fn(get_kernel, interpret: bool):
-    def fn(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse):
+    def fn(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, out_dtype=None):
         if bias is not None:
             raise NotImplementedError(BIAS_REASON)
         return get_kernel().attention(q, k, v, mask=mask, scale=scale, softcap=softcap,
-                                      sinks=sinks, interpret=interpret)
+                                      sinks=sinks, interpret=interpret, out_dtype=out_dtype)
     return fn
 
 
@@ -198,16 +207,16 @@ def _gpu_supports(interpret: bool):
 
 
 def _gpu_fn(interpret: bool):
-    def fn(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse):
+    def fn(q, k, v, *, mask, scale, softcap, sinks, bias, return_lse, out_dtype=None):
         if bias is not None:
             raise NotImplementedError(BIAS_REASON)
         call = core.make_call(q, k, v, mask=mask, scale=scale, softcap=softcap, sinks=sinks,
                               return_lse=return_lse, platform="gpu")
-        kernel, reason = resolve_gpu_kernel(call, interpret=interpret)
+        kernel, reason = resolve_gpu_kernel(call, interpret=interpret, out_dtype=out_dtype)
         if kernel is None:
             raise NotImplementedError(f"no Pallas GPU kernel serves this call: {reason}")
         return kernel.attention(q, k, v, mask=mask, scale=scale, softcap=softcap, sinks=sinks,
-                                interpret=interpret)
+                                interpret=interpret, out_dtype=out_dtype)
     return fn
 
 
@@ -220,18 +229,19 @@ def register() -> None:
       >>> "pallas_tpu_interpret" in core.registered_impls()
       True
     """
-    core.register_impl("pallas_tpu", _tpu_fn(False), _tpu_supports(False))
-    core.register_impl("pallas_tpu_interpret", _tpu_fn(True), _tpu_supports(True))
-    core.register_impl("pallas_gpu", _gpu_fn(False), _gpu_supports(False))
-    core.register_impl("pallas_gpu_interpret", _gpu_fn(True), _gpu_supports(True))
+    # float32_out: every fn takes out_dtype= (the shell writes the accumulator unrounded).
+    reg = functools.partial(core.register_impl, float32_out=True)
+    reg("pallas_tpu", _tpu_fn(False), _tpu_supports(False))
+    reg("pallas_tpu_interpret", _tpu_fn(True), _tpu_supports(True))
+    reg("pallas_gpu", _gpu_fn(False), _gpu_supports(False))
+    reg("pallas_gpu_interpret", _gpu_fn(True), _gpu_supports(True))
     # Each GPU kernel under its own name. No pallas_mosaic_gpu_interpret: JAX 0.10's GPU
     # interpreter cannot run the Mosaic GPU kernel (gpu.INTERPRET_REASON).
     triton = lambda: _TritonKernel  # noqa: E731
-    core.register_impl("pallas_triton", _kernel_fn(triton, False), _kernel_supports(triton, False))
-    core.register_impl("pallas_triton_interpret", _kernel_fn(triton, True),
-                       _kernel_supports(triton, True))
-    core.register_impl("pallas_mosaic_gpu", _kernel_fn(_mosaic_module, False),
-                       _kernel_supports(_mosaic_module, False))
+    reg("pallas_triton", _kernel_fn(triton, False), _kernel_supports(triton, False))
+    reg("pallas_triton_interpret", _kernel_fn(triton, True), _kernel_supports(triton, True))
+    reg("pallas_mosaic_gpu", _kernel_fn(_mosaic_module, False),
+        _kernel_supports(_mosaic_module, False))
 
 
 register()

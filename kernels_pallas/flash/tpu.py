@@ -1,10 +1,12 @@
-"""Flash attention as a Pallas Mosaic TPU kernel: forward, dQ and dK/dV (custom VJP).
+"""Flash attention as a Pallas Mosaic TPU kernel: the plan, layouts and kernel ops.
 
 The public boundary is ``[B, T, N, H]``; inside, operands are head-major
 (``q [B, K, G, Tp, Hp]``, ``k/v [B, K, Sp, ·]``) because a TPU block must be a
 ``(sublane, lane)`` tile of one head: XLA fuses the pad and the transpose into one
 copy per operand. Block skipping, the visit tables and the partial/full split come
-from ``kernels_pallas.flash.masking``; the kernel bodies live in ``tpu_kernels``.
+from ``kernels_pallas.flash.masking``; the kernel bodies live in ``tpu_kernels``, and
+the custom VJP, padding, row prep, sinks and ``out_dtype`` in ``kernels_pallas.flash.shell``
+(this module supplies ``OPS``: the head-major layouts and the three pallas_calls).
 
 Design choices (details and the algorithm in README.md):
 
@@ -32,15 +34,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from attn.masks import Mask
-from kernels_pallas.flash import masking, tpu_kernels
-from kernels_pallas.flash._common import LOG2E, backward_rows, clip_window, fit, sink_grad
+from kernels_pallas.flash import masking, shell, tpu_kernels
+from kernels_pallas.flash._common import clip_window
+from kernels_pallas.flash.shell import fit
 from kernels_pallas.flash.tpu_kernels import KernelCfg
 
 Array = Any
@@ -114,7 +116,15 @@ class Plan(masking.PlanBase):
     N: int
     cfg: KernelCfg
     til_f: masking.Tiling
-    til_b: masking.Tiling
+    til_b: masking.Tiling  # dQ and dK/dV share one backward tiling
+
+    @property
+    def til_dq(self) -> masking.Tiling:
+        return self.til_b
+
+    @property
+    def til_dkv(self) -> masking.Tiling:
+        return self.til_b
 
 
 def _round(x, m):
@@ -192,117 +202,82 @@ def make_plan(q_shape, k_shape, v_shape, mask: Mask, *, scale: float, softcap, h
 
 
 # --------------------------------------------------------------------------- layouts
-def _q_layout(x, K, Tp, Dp):
+# The kernel's part of the shell contract: head-major layouts, row stats, extras, calls.
+def _q_layout(x, plan: Plan, Tp: int, Dp: int):
     """``[B, T, N, D]`` -> ``[B, K, G, Tp, Dp]``."""
     B, _, N, _ = x.shape
+    K = plan.cfg.K
     x = fit(fit(x, 1, Tp), 3, Dp)
     return x.reshape(B, Tp, K, N // K, Dp).transpose(0, 2, 3, 1, 4)
 
 
-def _from_q_layout(x, T, D):
+def _from_q_layout(x, plan: Plan, T: int, D: int):
     B, K, G, Tp, Dp = x.shape
     return x.transpose(0, 3, 1, 2, 4).reshape(B, Tp, K * G, Dp)[:, :T, :, :D]
 
 
-def _kv_layout(x, Sp, Dp):
+def _kv_layout(x, plan: Plan, Sp: int, Dp: int):
     """``[B, S, K, D]`` -> ``[B, K, Sp, Dp]``."""
     return fit(fit(x, 1, Sp), 3, Dp).transpose(0, 2, 1, 3)
 
 
-def _from_kv_layout(x, S, D):
+def _from_kv_layout(x, plan: Plan, S: int, D: int):
     return x.transpose(0, 2, 1, 3)[:, :S, :, :D]
 
 
-def _to_rows(x, cfg: KernelCfg):
+def _to_rows(x, plan: Plan):
     """``[B, N, Tp]`` -> rows ``[B, K, G, 1, Tp]`` (a free reshape)."""
+    cfg = plan.cfg
     return x.reshape(cfg.B, cfg.K, cfg.G, 1, x.shape[-1])
 
 
-def _extras(mask: Mask, cfg: KernelCfg, til: masking.Tiling, *, transposed: bool):
-    """Position / segment kernel inputs: columns ``[B, L, 128]``, rows ``[B, 8, L]``."""
-    toks = masking.tokens(mask, til)
-    col = lambda x: jnp.broadcast_to(x[:, :, None], x.shape + (tpu_kernels.LANES,))
-    row = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], tpu_kernels.SUBLANES, x.shape[1]))
+def _lse_from_rows(x, plan: Plan):
+    """Kernel lse rows ``[B, K, G, 1, Tp]`` -> ``[B, N, Tp]``."""
+    return x.reshape(plan.cfg.B, plan.N, x.shape[-1])
+
+
+def _extras(extras: dict, til: masking.Tiling, *, transposed: bool) -> dict:
+    """Per-token mask inputs ``[B, L]`` as Mosaic tiles: columns ``[B, L, 128]``
+    (lane-replicated), rows ``[B, 8, L]`` (sublane-replicated); queries are rows in the
+    transposed (dK/dV) orientation, columns otherwise."""
+    col = lambda x: jnp.broadcast_to(x[:, :, None], x.shape + (tpu_kernels.LANES,))  # noqa: E731
+    row = lambda x: jnp.broadcast_to(x[:, None, :],  # noqa: E731
+                                     (x.shape[0], tpu_kernels.SUBLANES, x.shape[1]))
     qf, kf = (row, col) if transposed else (col, row)
-    sfx = "_t" if transposed else ""
-    out = {}
-    if cfg.has_qpos:
-        out["qpos" + sfx] = qf(toks.q_pos)
-    if cfg.has_kvpos:
-        out["kvpos" + sfx] = kf(toks.kv_pos)
-    if cfg.has_seg:
-        out["qseg" + sfx], out["kvseg" + sfx] = qf(toks.q_seg), kf(toks.kv_seg)
-    return out
+    return {n: (qf if n.startswith("q") else kf)(x) for n, x in extras.items()}
 
 
-# --------------------------------------------------------------------------- forward
-def _forward(q, k, v, sinks, aux, plan: Plan, debug: bool):
-    cfg, til = plan.cfg, plan.til_f
-    mask = plan.mask(aux)
-    table, _ = masking.tables(masking.classify(mask, til), til, transposed=False)
-    qt = _q_layout(q, cfg.K, til.q_padded, cfg.Hp)
-    kt = _kv_layout(k, til.kv_padded, cfg.Hp)
-    vt = _kv_layout(v, til.kv_padded, cfg.Ep)
-    sinks2 = None if sinks is None else sinks.astype(jnp.float32) * LOG2E
-    o_t, lse_rows, dbg = tpu_kernels.forward(cfg, til, table, qt, kt, vt,
-                                             _extras(mask, cfg, til, transposed=False),
-                                             sinks2, debug=debug)
-    o = _from_q_layout(o_t, cfg.T, plan.E)
-    lse = lse_rows.reshape(cfg.B, plan.N, -1)[:, :, :cfg.T]
-    return o, lse, (qt, kt, vt), dbg
+def _forward(plan: Plan, til, table, q, k, v, extras, sinks2, *, out_dtype, debug):
+    return tpu_kernels.forward(plan.cfg, til, table, q, k, v, extras, sinks2, out_dtype=out_dtype,
+                               debug=debug)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, sinks, aux, plan):
-    o, lse, _, _ = _forward(q, k, v, sinks, aux, plan, False)
-    return o, lse
+def _backward_dq(plan: Plan, til, table, q, k, v, do, lse2, d, extras):
+    return tpu_kernels.backward_dq(plan.cfg, til, table, q, k, v, do, lse2, d, extras)
 
 
-def _flash_fwd(q, k, v, sinks, aux, plan):
-    o, lse, kernel_layout, _ = _forward(q, k, v, sinks, aux, plan, False)
-    return (o, lse), (kernel_layout, o, lse, sinks, aux)
+def _backward_dkv(plan: Plan, til, table_t, q, k, v, do, lse2, d, extras):
+    return tpu_kernels.backward_dkv(plan.cfg, til, table_t, q, k, v, do, lse2, d, extras)
 
 
-def _flash_bwd(plan: Plan, res, cts):
-    (qt, kt, vt), o, lse, sinks, aux = res
-    do, dlse = cts
-    cfg, til = plan.cfg, plan.til_b
-    mask = plan.mask(aux)
-    table, table_t = masking.tables(masking.classify(mask, til), til)
-    # Forward and backward tilings may pad differently: refit the saved layouts.
-    qt = fit(qt, 3, til.q_padded)
-    kt, vt = fit(kt, 2, til.kv_padded), fit(vt, 2, til.kv_padded)
-    do_t = _q_layout(do, cfg.K, til.q_padded, cfg.Ep)
-    D, D_p, lse2 = backward_rows(do, o, lse, dlse, til.q_padded)
-    lse_rows, d_rows = _to_rows(lse2, cfg), _to_rows(D_p, cfg)
-    dq_t = tpu_kernels.backward_dq(cfg, til, table, qt, kt, vt, do_t, lse_rows, d_rows,
-                                   _extras(mask, cfg, til, transposed=False))
-    dk_t, dv_t = tpu_kernels.backward_dkv(cfg, til, table_t, qt, kt, vt, do_t, lse_rows, d_rows,
-                                          _extras(mask, cfg, til, transposed=True))
-    dq = _from_q_layout(dq_t, cfg.T, plan.H)
-    dk = _from_kv_layout(dk_t, cfg.S, plan.H)
-    dv = _from_kv_layout(dv_t, cfg.S, plan.E)
-    return dq, dk, dv, sink_grad(sinks, lse, D), None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-@functools.partial(jax.jit, static_argnames=("plan", "debug"))
-def _run(q, k, v, sinks, aux, plan, debug):
-    if not debug:
-        return _flash(q, k, v, sinks, aux, plan)
-    o, lse, _, dbg = _forward(q, k, v, sinks, aux, plan, True)
+def _debug_counts(dbg, plan: Plan):
     cfg = plan.cfg
     counts = jnp.repeat(dbg[..., :2, 0], cfg.Gb, axis=2)  # [B, K, G, nQ, 2]
     counts = counts.reshape(cfg.B, plan.N, plan.til_f.num_q_blocks, 2)
-    return o, lse, {"visited": counts[..., 0], "partial": counts[..., 1]}
+    return {"visited": counts[..., 0], "partial": counts[..., 1]}
+
+
+OPS = shell.KernelOps(name="tpu", forward=_forward, backward_dq=_backward_dq,
+                      backward_dkv=_backward_dkv, to_q=_q_layout, from_q=_from_q_layout,
+                      to_kv=_kv_layout, from_kv=_from_kv_layout, q_row_axis=3, kv_row_axis=2,
+                      lse_from_kernel=_lse_from_rows, rows=_to_rows, extras=_extras,
+                      debug_counts=_debug_counts)
 
 
 def flash_attention_tpu(q, k, v, *, mask: Mask | None = None, scale: float | None = None,
                         softcap: float | None = None, sinks=None,
                         block_sizes: BlockSizes | None = None, interpret: bool = False,
-                        debug: bool = False):
+                        out_dtype=None, debug: bool = False):
     """Flash attention on TPU (Pallas Mosaic); differentiable in q, k, v and sinks.
 
     Args:
@@ -312,11 +287,13 @@ def flash_attention_tpu(q, k, v, *, mask: Mask | None = None, scale: float | Non
       sinks: ``[N]`` sink logits.
       block_sizes: ``BlockSizes`` overrides (default: per TPU generation).
       interpret: run with ``pltpu.InterpretParams()`` on any platform (CPU tests).
+      out_dtype: dtype of ``o``; default the input dtype. ``jnp.float32`` writes the
+        float32 accumulator out unrounded (for callers that merge partial results).
       debug: forward only; also return ``{"visited", "partial"}``, each ``[B, N, nQ]``
         int32: key blocks the kernel processed per query block (counted in-kernel).
 
     Returns:
-      ``(o [B, T, N, E] in q.dtype, lse [B, N, T] float32)`` (+ the debug dict).
+      ``(o [B, T, N, E] in out_dtype, lse [B, N, T] float32)`` (+ the debug dict).
 
     Example:
       >>> import jax
@@ -325,8 +302,7 @@ def flash_attention_tpu(q, k, v, *, mask: Mask | None = None, scale: float | Non
       >>> flash_attention_tpu(x, x, x, interpret=True)[0].shape
       (1, 8, 2, 16)
     """
-    mask = Mask() if mask is None else mask
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask, scale = shell.defaults(q, mask, scale)
     plan = make_plan(q.shape, k.shape, v.shape, mask, scale=scale, softcap=softcap,
                      has_sinks=sinks is not None, block_sizes=block_sizes, interpret=interpret)
-    return _run(q, k, v, sinks, masking.mask_aux(mask), plan, debug)
+    return shell.run(OPS, plan, q, k, v, mask=mask, sinks=sinks, out_dtype=out_dtype, debug=debug)

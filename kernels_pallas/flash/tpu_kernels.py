@@ -1,7 +1,8 @@
 """Pallas Mosaic TPU kernel bodies and ``pallas_call`` builders (forward, dQ, dK/dV).
 
-Internal module: ``kernels_pallas.flash.tpu`` owns the public API, layouts and the
-custom VJP. Layout seen here (head-major, padded by the caller):
+Internal module: ``kernels_pallas.flash.tpu`` owns the public API, plan and layouts,
+``kernels_pallas.flash.shell`` the custom VJP. Layout seen here (head-major, padded by
+the caller):
 
     q [B, K, G, Tp, Hp]   k [B, K, Sp, Hp]   v [B, K, Sp, Ep]   o / dO like q with Ep
     per-row stats (lse, D) as rows [B, K, G, 1, Tp]: one lane-dense (1, Cq) row per
@@ -220,8 +221,10 @@ def _fwd_kernel(tab_ref, *refs, cfg: KernelCfg, til: Tiling, names, debug):
             r["dbg"][...] = r["cnt"][...]
 
 
-def forward(cfg: KernelCfg, til: Tiling, table, q, k, v, extras, sinks2, *, debug=False):
-    """Run the forward kernel: returns ``o [B,K,G,Tp,Ep]``, lse rows, debug counts."""
+def forward(cfg: KernelCfg, til: Tiling, table, q, k, v, extras, sinks2, *, out_dtype=None,
+            debug=False):
+    """Run the forward kernel: ``o [B,K,G,Tp,Ep]`` in ``out_dtype`` (default q's), lse
+    rows, debug counts or None."""
     B, K, nGb, Gb = cfg.B, cfg.K, cfg.nGb, cfg.Gb
     Cq, Ck, V, nQ = til.block_q, til.block_kv, til.max_kv_visits, til.num_q_blocks
     R = Gb * Cq
@@ -245,7 +248,7 @@ def forward(cfg: KernelCfg, til: Tiling, table, q, k, v, extras, sinks2, *, debu
         ("o", pl.BlockSpec((None, None, Gb, Cq, cfg.Ep), lambda b, kh, gi, qi, j, t: (b, kh, gi, qi, 0))),
         ("lse", pl.BlockSpec((None, None, Gb, 1, Cq), lambda b, kh, gi, qi, j, t: (b, kh, gi, 0, qi))),
     ]
-    out_shape = [jax.ShapeDtypeStruct((B, K, cfg.G, til.q_padded, cfg.Ep), q.dtype),
+    out_shape = [jax.ShapeDtypeStruct((B, K, cfg.G, til.q_padded, cfg.Ep), out_dtype or q.dtype),
                  jax.ShapeDtypeStruct((B, K, cfg.G, 1, til.q_padded), jnp.float32)]
     if debug:
         out_specs.append(("dbg", pl.BlockSpec((None, None, None, None, SUBLANES, LANES),
@@ -439,7 +442,7 @@ def backward_dkv(cfg: KernelCfg, til: Tiling, table_t, q, k, v, do, lse2_rows, d
         ("d", pl.BlockSpec((None, None, Gb, 1, Cq), lambda *a: (a[0], a[1], a[3], 0, q_block(*a)))),
     ]
     mspecs = _mask_specs(cfg, til, q_block, kmap, transposed=True)
-    args = [k, v, q, do, lse2_rows, d_rows] + [extras[n + "_t"] for n, _ in mspecs]
+    args = [k, v, q, do, lse2_rows, d_rows] + [extras[n] for n, _ in mspecs]
     specs += mspecs
     out_specs = [("dk", pl.BlockSpec((None, None, Ck, cfg.Hp), kblock)),
                  ("dv", pl.BlockSpec((None, None, Ck, cfg.Ep), kblock))]

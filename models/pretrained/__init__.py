@@ -58,8 +58,9 @@ def load(name_or_path: str, *, dtype=jnp.float32) -> Pretrained:
         raise PretrainedError(f"{name_or_path}: not a known name ({sorted(KNOWN_NAMES)}), "
                               "a .gguf file or a directory")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
-        raise PretrainedError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
-                              f"vocab_size is {cfg.vocab_size}")
+        # Ids past the embedding would read NaN rows (jnp.take fills out-of-range gathers).
+        raise PretrainedError(f"{tok.source}: the tokenizer does not match the model: its ids go up "
+                              f"to {tok.vocab_size - 1} but the model's vocab_size is {cfg.vocab_size}")
     return Pretrained(config=cfg, params=params, tokenizer=tok, source=path, metadata=meta)
 
 

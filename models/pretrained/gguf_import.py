@@ -108,6 +108,12 @@ def load_gguf(path: str, *, dtype=jnp.float32):
     fields = read_fields(reader)
     c = hf_config_from_gguf(fields, path)
     names = {t.name for t in reader.tensors}
+    if f"{fields['general.architecture']}.vocab_size" not in fields:
+        # Most files omit it; the embedding's rows are the vocab, not the tokenizer's list
+        # (which load() then checks against it).
+        embd = [t for t in reader.tensors if t.name == "token_embd.weight"]
+        if embd:
+            c["vocab_size"] = int(embd[0].shape[-1])  # ggml order: (D, V)
     c["tie_word_embeddings"] = "output.weight" not in names
     if c["model_type"] == "qwen3" or c["model_type"] == "llama":
         c["attention_bias"] = "blk.0.attn_q.bias" in names

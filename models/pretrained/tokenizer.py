@@ -79,7 +79,9 @@ class Tokenizer:
       eos_ids: ids that end generation (the EOS token plus e.g. ``<|im_end|>`` when the
         checkpoint names it), a tuple.
       pad_id: padding id (falls back to the first EOS id, as the GGUF files do), or None.
-      vocab_size: tokens the tokenizer can produce (with added tokens).
+      vocab_size: one more than the largest id the tokenizer can produce (added tokens
+        included): the embedding rows it needs. (Not ``get_vocab_size``, which counts the
+        tokens and misses a gap in the ids.)
       chat_template: the Jinja source, or None.
     """
 
@@ -99,7 +101,7 @@ class Tokenizer:
         self.bos_id = ids(bos)
         self.eos_ids = tuple(dict.fromkeys(ids(e) for e in eos))
         self.pad_id = ids(pad) if pad is not None else (self.eos_ids[0] if self.eos_ids else None)
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     # ----------------------------------------------------------------- builders
     @classmethod
