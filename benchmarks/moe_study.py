@@ -5,9 +5,10 @@ budget, for each learning-rate multiplier in ``--lr_scales`` (applied to both th
 the Muon rates), and keeps its best final eval bits per byte. The MoE replaces every
 layer's FFN (``dense_first=0``) with ``experts`` routed experts, top-``top_k``, one
 shared expert, each of width ``ffn_dim // (top_k + 1)``: the active FFN parameters per
-token equal the dense SwiGLU's (the router's ``D·E`` aside). MoE cells balance with
-the Switch auxiliary loss: the trainer does not carry the ``moe_state`` collection yet,
-so the bias rule would stay inert.
+token equal the dense SwiGLU's (the router's ``D·E`` aside). The committed MoE cells
+balanced with the Switch auxiliary loss (``balance=aux``), run before the trainer
+carried the ``moe_state`` collection that DeepSeek-V3's bias rule needs; ``--balance
+bias`` is available now.
 
 Run (the committed result used the short budget below on 2 shared CPU cores):
 
@@ -29,11 +30,12 @@ import time
 import jax
 
 
-def _cell_config(attn: str, ffn: str, optim: str, steps: int, lr_scale: float, seed: int):
+def _cell_config(attn: str, ffn: str, optim: str, steps: int, lr_scale: float, seed: int,
+                 balance: str = "aux"):
     from configs import moe as moe_config
 
     c = moe_config.get_config(f"attn={attn},ffn={ffn},dense_first=0,optim={optim},steps={steps},seed={seed},"
-                              f"balance=aux")
+                              f"balance={balance}")
     c.optim.learning_rate = c.optim.learning_rate * lr_scale
     c.optim.muon_learning_rate = c.optim.muon_learning_rate * lr_scale
     c.checkpoint.enabled = False
@@ -62,6 +64,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr_scales", type=str, default="0.5,1,2")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance", type=str, default="aux", choices=["aux", "bias", "none"],
+                   help="MoE load balancing (the committed table used aux)")
     p.add_argument("--attn", type=str, default="mha,mla")
     p.add_argument("--ffn", type=str, default="swiglu,moe")
     p.add_argument("--optim", type=str, default="adamw,muon")
@@ -73,7 +77,7 @@ def main(argv=None) -> None:
     runs = []
     for attn, ffn_name, optim in itertools.product(a.attn.split(","), a.ffn.split(","), a.optim.split(",")):
         for scale in scales:
-            c = _cell_config(attn, ffn_name, optim, a.steps, scale, a.seed)
+            c = _cell_config(attn, ffn_name, optim, a.steps, scale, a.seed, a.balance)
             t0 = time.time()
             with tempfile.TemporaryDirectory() as wd:
                 m = train_and_evaluate(c, wd)

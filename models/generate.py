@@ -29,7 +29,8 @@ Example:
 Command line (``attnlab generate`` is the same ``main``)::
 
   python -m models.generate --model smollm2-135m --prompt "The capital of France is" \\
-      --max-new-tokens 64 [--chat] [--greedy | --temperature T --top-p P --top-k K] [--seed S]
+      --max-new-tokens 64 [--chat] [--greedy | --temperature T --top-p P --top-k K] [--seed S] \\
+      [--kv-cache dense|paged] [--kv-quant none|int8|int4|fp8] [--page-size 16]
 """
 
 from __future__ import annotations
@@ -95,11 +96,16 @@ def _check_sampling(config: LMConfig, temperature, top_k, top_p):
 
 
 # --------------------------------------------------------------------------- jitted steps
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len", "cache_dtype"))
-def _prefill(config, variables, tokens_BP, mask_BP, *, max_len, cache_dtype):
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("max_len", "cache_dtype", "kv_cache", "kv_quant", "page_size"))
+def _prefill(config, variables, tokens_BP, mask_BP, *, max_len, cache_dtype, kv_cache="dense",
+             kv_quant="none", page_size=16):
     """Left-padded prompt → (last real logits ``[B, V]``, cache, next positions ``[B]``)."""
+    from models.serving import make_cache
+
     B, _ = tokens_BP.shape
-    cache = init_cache(config, B, max_len, cache_dtype)
+    cache = make_cache(config, B, max_len, cache_dtype, kv_cache=kv_cache, kv_quant=kv_quant,
+                       page_size=page_size)
     seg_BP = mask_BP.astype(jnp.int32)
     pos_BP = jnp.maximum(jnp.cumsum(seg_BP, axis=1) - 1, 0)
     logits, cache = Transformer(config).apply(variables, tokens_BP, positions_BT=pos_BP,
@@ -154,7 +160,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 def stream(config: LMConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            eos_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, max_len: int | None = None,
-           cache_dtype=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+           cache_dtype=None, kv_cache: str = "dense", kv_quant: str = "none",
+           page_size: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(tokens [B] int32, live [B] bool)`` once per step as the tokens are produced.
 
     ``live[b]`` is True when ``tokens[b]`` belongs to row ``b``'s output (rows that hit an
@@ -169,6 +176,10 @@ def stream(config: LMConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
       temperature, top_k, top_p: see ``sample_logits``; seed: the PRNG seed.
       max_len: cache capacity, default longest prompt + ``max_new_tokens``.
       cache_dtype: default ``config.dtype``.
+      kv_cache, kv_quant, page_size: the cache kind (``models.serving.make_cache``):
+        ``"dense"`` / ``"paged"`` (pages of ``page_size`` tokens), and ``"none"`` or a
+        quantized format (``"int8"``, ``"int4"``, ``"fp8"``; the newest tokens up to a
+        page stay exact). Greedy decoding on a paged cache equals the dense one.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -189,12 +200,16 @@ def stream(config: LMConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
     if max_len < P + max_new_tokens - 1:
         raise ValueError(f"generate: max_len={max_len} < longest prompt {P} + max_new_tokens "
                          f"{max_new_tokens} - 1; the KV cache would overflow")
+    from models.serving import check_cache_args
+
+    check_cache_args(kv_cache, kv_quant, page_size)  # one-line errors before anything compiles
     variables = params if "params" in params else {"params": params}
     sample = functools.partial(_sample, key=jax.random.key(seed), temperature=float(temperature),
                                top_k=top_k, top_p=None if top_p is None else float(top_p))
     logits_BV, cache, pos_B = _prefill(
         config, variables, jnp.asarray(tokens_BP), jnp.asarray(mask_BP), max_len=max_len,
-        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype))
+        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype), kv_cache=kv_cache,
+        kv_quant=kv_quant, page_size=page_size)
     eos = np.asarray(list(eos_ids), np.int32)
     live = np.ones((B,), bool)
     for step in range(max_new_tokens):
@@ -261,6 +276,20 @@ class TextStream:
         return delta
 
 
+def add_cache_flags(p: argparse.ArgumentParser, *, kv_cache_default="dense") -> None:
+    """``--kv-cache`` / ``--kv-quant`` / ``--page-size`` (shared with ``models.perplexity``).
+
+    Free strings, checked by ``models.serving.check_cache_args`` (one-line ``UserError``
+    naming the known values), so a new cache kind needs no parser change.
+    """
+    p.add_argument("--kv-cache", default=kv_cache_default,
+                   help="KV cache layout: dense or paged (default %(default)s)")
+    p.add_argument("--kv-quant", default="none",
+                   help="KV cache quantization: none, int8, int4 or fp8 (default none)")
+    p.add_argument("--page-size", type=int, default=16,
+                   help="tokens per page (paged cache) / full-precision recent tail (quantized)")
+
+
 def build_parser(prog="python -m models.generate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Stream a continuation from a pretrained model.")
     p.add_argument("--model", default="smollm2-135m",
@@ -275,6 +304,7 @@ def build_parser(prog="python -m models.generate") -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_cache_flags(p)
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr at the end")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors")
     return p
@@ -308,6 +338,9 @@ def _main(argv: list[str], prog: str) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1")
     temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
+    from models.serving import check_cache_args
+
+    check_cache_args(args.kv_cache, args.kv_quant, args.page_size, flags=True)
     from models import pretrained  # the importer (gguf / safetensors / tokenizers)
 
     pre = pretrained.load(args.model, dtype=jnp.dtype(args.dtype))  # PretrainedError: a UserError
@@ -328,7 +361,9 @@ def _main(argv: list[str], prog: str) -> int:
     t0, n = time.perf_counter(), 0
     for t, live in stream(pre.config, pre.params, [ids], max_new_tokens=args.max_new_tokens,
                           eos_ids=tuple(tok.eos_ids), temperature=temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          kv_cache=args.kv_cache, kv_quant=args.kv_quant,
+                          page_size=args.page_size):
         n += 1
         sys.stdout.write(out.push(int(t[0])))
         sys.stdout.flush()

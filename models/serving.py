@@ -124,13 +124,16 @@ def _quant_cache(fmt: str):
         template = init_cache(config, batch=1, max_len=1, dtype=dtype)
 
         def one(c):
-            if type(c) is not KVCache or config.scan_layers:
-                raise UserError("--kv-quant serves MHA-family layers with full caches and "
-                                f"scan_layers=False; got {type(c).__name__}")
-            return QuantKVCache.create(fmt, batch=batch, max_pages=-(-max_len // page_size),
-                                       page_size=page_size, num_kv_heads=c.k.shape[-2],
-                                       head_dim=c.k.shape[-1], value_dim=c.v.shape[-1],
-                                       dtype=c.k.dtype)
+            if type(c) is not KVCache:
+                raise UserError("--kv-quant serves MHA-family layers with full caches; got "
+                                f"{type(c).__name__}")
+            q = QuantKVCache.create(fmt, batch=batch, max_pages=-(-max_len // page_size),
+                                    page_size=page_size, num_kv_heads=c.k.shape[-2],
+                                    head_dim=c.k.shape[-1], value_dim=c.v.shape[-1],
+                                    dtype=c.k.dtype)
+            if config.scan_layers:  # stacked along a leading layer axis, like init_cache
+                return jax.tree_util.tree_map(lambda a: jnp.repeat(a[None], c.k.shape[0], 0), q)
+            return q
         return jax.tree_util.tree_map(one, template, is_leaf=lambda x: isinstance(x, KVCache))
     return build
 
@@ -149,6 +152,31 @@ KV_QUANTS = {"none": None, "int8": _quant_cache("int8"), "int4": _quant_cache("i
              "fp8": _quant_cache("fp8")}
 
 
+def check_cache_args(kv_cache: str, kv_quant: str, page_size: int, *, flags: bool = False) -> None:
+    """One-line ``UserError`` for an unknown cache kind / quantization or a bad page size.
+
+    ``flags=True`` names the command-line flags (``--kv-cache`` ...) instead.
+
+    Example:
+      >>> check_cache_args("paged", "int8", 16)
+      >>> check_cache_args("dense", "int2", 16, flags=True)
+      Traceback (most recent call last):
+      ...
+      attn.errors.UserError: --kv-quant int2: unknown KV quantization; known: fp8, int4, int8, none
+    """
+    known = lambda table: ", ".join(sorted(table))
+    if kv_cache not in KV_CACHES:
+        raise UserError(f"--kv-cache {kv_cache}: unknown kv cache; known: {known(KV_CACHES)}"
+                        if flags else f"unknown kv cache {kv_cache!r}; known: {known(KV_CACHES)}")
+    if kv_quant not in KV_QUANTS:
+        raise UserError(f"--kv-quant {kv_quant}: unknown KV quantization; known: "
+                        f"{known(KV_QUANTS)}" if flags else
+                        f"unknown KV quantization {kv_quant!r}; known: {known(KV_QUANTS)}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+        raise UserError(f"--page-size {page_size}: must be a positive int" if flags else
+                        f"page_size must be a positive int, got {page_size!r}")
+
+
 def make_cache(config: LMConfig, batch: int, max_len: int, dtype=None, *, kv_cache: str = "dense",
                kv_quant: str = "none", page_size: int = 16):
     """The per-layer caches for ``Transformer``: dense, paged, or quantized (KIVI window).
@@ -164,12 +192,7 @@ def make_cache(config: LMConfig, batch: int, max_len: int, dtype=None, *, kv_cac
       >>> type(make_cache(cfg, 1, 10, kv_quant="int8", page_size=4)[0][0]).__name__
       'QuantKVCache'
     """
-    if kv_cache not in KV_CACHES:
-        raise UserError(f"unknown kv cache {kv_cache!r}; known: {sorted(KV_CACHES)}")
-    if kv_quant not in KV_QUANTS:
-        raise UserError(f"unknown KV quantization {kv_quant!r}; known: {sorted(KV_QUANTS)}")
-    if not isinstance(page_size, int) or page_size <= 0:
-        raise UserError(f"page_size must be a positive int, got {page_size!r}")
+    check_cache_args(kv_cache, kv_quant, page_size)
     build = KV_QUANTS[kv_quant] or KV_CACHES[kv_cache]
     return build(config, batch, max_len, page_size, dtype)
 

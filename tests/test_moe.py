@@ -4,7 +4,7 @@ The oracle is written from the math in float64: a Python loop over tokens and ea
 token's top-k experts (selection computed with numpy on scores + bias), one SwiGLU per
 (token, expert). Ragged and capacity dispatch must equal it, forward and gradients;
 the capacity dispatch must drop exactly the assignments GShard's priority says.
-Expert parallelism on the 8 forced CPU devices (tests/conftest.py) must equal one device,
+Expert parallelism on the 8 forced CPU devices (conftest.py) must equal one device,
 loss, gradients and an optimizer step.
 """
 

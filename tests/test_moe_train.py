@@ -3,7 +3,7 @@
 configs/moe.py shrunk to seconds: the bias (collection "moe_state") must move, the load
 statistics must reach tensorboard as moe/* scalars, a killed run must resume
 bit-identically (bias included, checked by the checkpoint digest), and expert
-parallelism over the 8 forced CPU devices (tests/conftest.py) must train as one device.
+parallelism over the 8 forced CPU devices (conftest.py) must train as one device.
 """
 
 import os

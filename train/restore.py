@@ -22,7 +22,7 @@ from train.checkpoint import Checkpointer
 
 
 def restore_trained(workdir: str, config: Any = None) -> tuple[Any, Any, int]:
-    """``(model config, params, step)`` of the newest good checkpoint in ``workdir``.
+    """``(model config, variables, step)`` of the newest good checkpoint in ``workdir``.
 
     Args:
       workdir: a run's ``--workdir``.
@@ -31,7 +31,10 @@ def restore_trained(workdir: str, config: Any = None) -> tuple[Any, Any, int]:
 
     Returns:
       The validated model config (``models.transformer.LMConfig`` for LM tasks), the
-      parameters (placed on this host's devices) and the step they are from.
+      variables ``model.apply`` and ``generate`` take (``{"params": ...}``, plus the
+      non-gradient model state a run carries, e.g. MoE's ``moe_state`` balancing bias,
+      without which an MoE model would route differently), placed on this host's
+      devices, and the step they are from.
 
     Raises:
       attn.errors.UserError: no run_config.json or no checkpoint in ``workdir``.
@@ -40,8 +43,8 @@ def restore_trained(workdir: str, config: Any = None) -> tuple[Any, Any, int]:
     Example:
       >>> from train.restore import restore_trained                     # doctest: +SKIP
       >>> from models.transformer import generate                       # doctest: +SKIP
-      >>> cfg, params, step = restore_trained("runs/mqar")              # doctest: +SKIP
-      >>> generate(cfg, params, jnp.asarray([[3, 70, 9, 100, 3]]), max_new_tokens=1)  # doctest: +SKIP
+      >>> cfg, variables, step = restore_trained("runs/mqar")           # doctest: +SKIP
+      >>> generate(cfg, variables, jnp.asarray([[3, 70, 9, 100, 3]]), max_new_tokens=1)  # doctest: +SKIP
     """
     if config is None:
         path = os.path.join(workdir, trainer.RUN_CONFIG)
@@ -60,4 +63,4 @@ def restore_trained(workdir: str, config: Any = None) -> tuple[Any, Any, int]:
     if restored is None:
         raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     state, _, step = restored
-    return exp.model, state["params"], int(step)
+    return exp.model, trainer.model_variables(state), int(step)

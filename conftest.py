@@ -1,4 +1,5 @@
-"""Test setup: 8 host CPU devices, so sharding tests run without an accelerator.
+"""Test setup for tests/ and the packages' doctests: 8 host CPU devices, so sharding tests
+run without an accelerator.
 
 XLA_FLAGS must be set before jax is imported anywhere, which is why it lives here.
 """
