@@ -74,9 +74,15 @@ class QuantKVCache:
         if f.bits == 4 and (head_dim % 2 or E % 2):
             raise UserError(f"int4 packs two values per byte: head dims must be even, got "
                             f"H={head_dim}, E={E}")
-        zeros = lambda D: jnp.zeros((P, C, K, D), jnp.float32)
-        kq, ks, kz = f.quantize(zeros(head_dim), f.key_axis)
-        vq, vs, vz = f.quantize(zeros(E), -1)
+        # Empty pages as zeros of the shapes/dtypes quantize() returns: quantizing a zeros
+        # array instead would be constant-folded (seconds of compile) when built under jit.
+        # Empty slots have segment 0 and are never visible, so their codes/scales are moot.
+        zeros = lambda D, axis: jax.tree.map(
+            lambda a: jnp.zeros(a.shape, a.dtype),
+            jax.eval_shape(lambda x: f.quantize(x, axis),
+                           jax.ShapeDtypeStruct((P, C, K, D), jnp.float32)))
+        kq, ks, kz = zeros(head_dim, f.key_axis)
+        vq, vs, vz = zeros(E, -1)
         chan = lambda a: None if a is None else a[:, 0]
         tok = lambda a: None if a is None else jnp.swapaxes(a[..., 0], 1, 2)
         ks, kz = (chan(ks), chan(kz)) if f.key_axis == 1 else (tok(ks), tok(kz))

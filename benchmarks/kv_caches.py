@@ -184,9 +184,10 @@ def main(argv=None) -> int:
             L.append(f"| {B} | " + " | ".join(f"{row[k]:.1f}" for k in names) + " | " +
                      " | ".join(f"{row[k] / row['dense']:.2f}×" for k in names if k != "dense") + " |")
         L += ["", "The paged and quantized caches still go through the layers' dense cache "
-              "protocol: each step gathers (paged) or dequantizes (quantized) a full copy of "
-              "the cache, so they cost more per step than dense here; the copy-free decode "
-              "kernels (`kernels_pallas/decode`) are not wired into the layers yet."]
+              "protocol: each step gathers (paged) or dequantizes (quantized) a full-precision "
+              "copy of the cache for `attn.mha`; the copy-free decode kernels "
+              "(`kernels_pallas/decode`) are not wired into the layers yet. Timings come from a "
+              "shared CPU: read ratios, not absolute tok/s."]
     L.append("")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -17,8 +17,8 @@ decode path, else ``chunked``):
 * ``chunked``: chunks of C tokens. Within a chunk, with cumulative log-gates
   ``G_i = Σ_{s<=i} g_s`` (float32), the delta rule becomes a GLA with pseudo-values
   ``U = U0 - W S0`` (the WY/UT form): ``(I + A) [W | U0] = [b ⊙ exp(G) ⊙ K | b ⊙ V]``
-  with ``A_ij = b_i Σ_h k_ih k_jh exp(G_ih - G_jh)`` for j < i, solved by a unit lower
-  triangular solve; then ``o = scale (exp(G) ⊙ Q S0 + P U)`` with the causal intra-chunk
+  with ``A_ij = b_i Σ_h k_ih k_jh exp(G_ih - G_jh)`` for j < i, inverted by
+  ``unit_lower_inverse`` (matmuls only); then ``o = scale (exp(G) ⊙ Q S0 + P U)`` with the causal intra-chunk
   scores ``P_ij = Σ_h q_ih k_jh exp(G_ih - G_jh)`` (j <= i), and
   ``S_C = exp(G_C) S0 + (exp(G_C - G) ⊙ K)ᵀ U``. Every exponent is <= 0, so nothing
   overflows however negative the gates are. Only the chunk-start states are kept; the
@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from attn.errors import UserError
 
@@ -64,6 +63,36 @@ def naive(q, k, v, g, beta, reset, state, *, scale, delta, chunk_size=None):
 
 
 # --------------------------------------------------------------------------- chunked form
+def unit_lower_inverse(A):
+    """``(I + A)^-1`` for strictly lower-triangular ``A [..., C, C]``, by matmuls only.
+
+    Diagonal blocks of b <= 16 rows: ``(I + A)^-1 = Π_s (I + (-A)^(2^s))`` (A is nilpotent,
+    so the doubling product is exact after ceil(log2 b) factors); then blockwise forward
+    substitution ``X_ij = -X_ii Σ_{j<=k<i} A_ik X_kj``. No LAPACK call: XLA CPU's
+    triangular solve inside the chunk scan hung the trainer (see docs/linear.md).
+    """
+    C = A.shape[-1]
+    b = next(d for d in (16, 8, 4, 2, 1) if C % d == 0)
+    nb = C // b
+    eye = jnp.eye(b, dtype=A.dtype)
+    blk = lambda i, j: A[..., i * b:(i + 1) * b, j * b:(j + 1) * b]
+    X = {}
+    for i in range(nb):
+        P = -blk(i, i)
+        Xi = eye + P
+        for _ in range(max(b - 1, 1).bit_length() - 1):
+            P = P @ P
+            Xi = Xi @ (eye + P)
+        X[i, i] = Xi
+    for i in range(nb):
+        for j in range(i - 1, -1, -1):
+            acc = sum(blk(i, k) @ X[k, j] for k in range(j, i))
+            X[i, j] = -X[i, i] @ acc
+    zero = jnp.zeros_like(eye) * A[..., :b, :b]
+    rows = [jnp.concatenate([X.get((i, j), zero) for j in range(nb)], -1) for i in range(nb)]
+    return jnp.concatenate(rows, -2)
+
+
 def _gated_scores(a, b, G, mask):
     """``Σ_h a_ih b_jh exp(G_ih - G_jh)`` where ``mask`` [B,1,C,C], else 0.
 
@@ -95,9 +124,8 @@ def _chunk_step(S, xs, lc, *, scale, delta):
     if delta:
         strict = jnp.tril(jnp.ones((C, C), bool), -1)
         A = beta[..., None] * _gated_scores(k, k, G, same & strict)
-        IA = A + jnp.eye(C, dtype=A.dtype)
         rhs = jnp.concatenate([beta[..., None] * gam * k, beta[..., None] * v], axis=-1)
-        sol = solve_triangular(IA, rhs, lower=True, unit_diagonal=True)
+        sol = unit_lower_inverse(A) @ rhs
         W, U0 = sol[..., : k.shape[-1]], sol[..., k.shape[-1]:]
         U = U0 - jnp.einsum("bnch,bnhv->bncv", W, S)
     else:
