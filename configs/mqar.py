@@ -9,8 +9,9 @@ docs/design.md, "Training"):
     python -m train --config configs/mqar.py:attn=gqa --workdir runs/mqar   # the same, in a checkout
 
 Arguments after ``:`` (comma separated key=value):
-  attn    a registered mechanism     mha | gqa | mqa | mla | cca | ccgqa | moh ..., or a
-          or a pattern with "+"      repeating pattern such as gqa+mla (hybrid stacks)
+  attn    a registered mechanism     mha | gqa | mqa | mla | cca | ccgqa | moh | gla | gdn
+          or a pattern with "+"      | kda | lightning ..., or a repeating pattern such as
+                                     gqa+mla (hybrid stacks)
   steps   int                        training steps
   optim   muon | adamw               optimizer (adamw needs steps=3000 to pass 95%)
   seed    int                        init and data seed
