@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn.axes import EMBED, HEAD_DIM, HEADS
+from attn.axes import EMBED, HEAD_DIM, HEADS, LATENT
 
 GLA_NORMALIZER = 16.0  # FLA's gate_logit_normalizer: slow decays at init
 
@@ -49,8 +49,9 @@ def head_softplus(params, x, cfg):
 
 def _low_rank(module, cfg):
     D, N, H, r = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.gate_rank
-    return {"f1_kernel": _p(module, cfg, "f1_kernel", _fan_in(0, 1), (D, r), (EMBED, None)),
-            "f2_kernel": _p(module, cfg, "f2_kernel", _fan_in(0, (1, 2)), (r, N, H), (None, HEADS, HEAD_DIM))}
+    # The rank axis is named LATENT (unsharded) so that Muon sees both factors as matrices.
+    return {"f1_kernel": _p(module, cfg, "f1_kernel", _fan_in(0, 1), (D, r), (EMBED, LATENT)),
+            "f2_kernel": _p(module, cfg, "f2_kernel", _fan_in(0, (1, 2)), (r, N, H), (LATENT, HEADS, HEAD_DIM))}
 
 
 def _low_rank_apply(params, x):
