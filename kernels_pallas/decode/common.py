@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -325,6 +326,20 @@ def live_pages(kv: PagedKV, q_pos_BT, q_seg_BT, cfg: DecodeCfg):
     idx = jnp.minimum(jnp.arange(maxP)[None], jnp.maximum(count - 1, 0)[:, None])
     pages = jnp.take_along_axis(table, jnp.take_along_axis(order, idx, axis=1), axis=1)
     return pages.astype(jnp.int32), count
+
+
+@functools.partial(jax.jit, static_argnames=("partials", "cfg"))
+def run_split_k(partials, q, kv, q_positions, q_segment_ids, sinks, cfg: DecodeCfg):
+    """One backend's split pass ``partials(q, kv, pos, seg, cfg) -> (o_s, lse_s)``, then the merge.
+
+    Every backend (XLA reference, TPU, Triton) differs only in ``partials``; the default
+    segment ids, the int32 row metadata and the lse merge with sinks are shared here.
+    """
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones(q_positions.shape, jnp.int32)
+    o_s, lse_s = partials(q, kv, q_positions.astype(jnp.int32),
+                          q_segment_ids.astype(jnp.int32), cfg)
+    return merge_splits(o_s, lse_s, sinks, cfg, q.dtype)
 
 
 def merge_splits(o_BKXME, lse_BKXM, sinks_N, cfg: DecodeCfg, out_dtype):

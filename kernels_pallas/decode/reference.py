@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -107,12 +106,4 @@ def decode_reference(q, kv: PagedKV, *, q_positions, q_segment_ids=None, causal:
     """
     cfg = common.make_cfg(q.shape, kv, causal=causal, window=window, scale=scale,
                           softcap=softcap, num_splits=num_splits)
-    return _run(q, kv, q_positions, q_segment_ids, sinks, cfg)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _run(q, kv, q_positions, q_segment_ids, sinks, cfg):
-    if q_segment_ids is None:
-        q_segment_ids = jnp.ones(q_positions.shape, jnp.int32)
-    o_s, lse_s = split_partials(q, kv, q_positions, q_segment_ids, cfg)
-    return common.merge_splits(o_s, lse_s, sinks, cfg, q.dtype)
+    return common.run_split_k(split_partials, q, kv, q_positions, q_segment_ids, sinks, cfg)

@@ -177,15 +177,6 @@ def split_partials(q, kv: PagedKV, q_pos_BT, q_seg_BT, cfg: DecodeCfg):
     return o_s, lse_s
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _run(q, kv, q_positions, q_segment_ids, sinks, cfg):
-    if q_segment_ids is None:
-        q_segment_ids = jnp.ones(q_positions.shape, jnp.int32)
-    o_s, lse_s = split_partials(q, kv, q_positions.astype(jnp.int32),
-                                q_segment_ids.astype(jnp.int32), cfg)
-    return common.merge_splits(o_s, lse_s, sinks, cfg, q.dtype)
-
-
 def decode_tpu(q, kv: PagedKV, *, q_positions, q_segment_ids=None, causal: bool = True,
                window=None, scale=None, softcap=None, sinks=None, num_splits=None,
                interpret: bool = False):
@@ -206,4 +197,4 @@ def decode_tpu(q, kv: PagedKV, *, q_positions, q_segment_ids=None, causal: bool 
     """
     cfg = common.make_cfg(q.shape, kv, causal=causal, window=window, scale=scale,
                           softcap=softcap, num_splits=num_splits, interpret=interpret)
-    return _run(q, kv, q_positions, q_segment_ids, sinks, cfg)
+    return common.run_split_k(split_partials, q, kv, q_positions, q_segment_ids, sinks, cfg)
