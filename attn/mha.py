@@ -368,7 +368,8 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
       config: the layer ``Config``.
       positions_BT: ``[B, T]`` int, or None for ``arange(T)`` (not with a cache).
       segment_ids_BT: ``[B, T]`` int (0 = padding) or None.
-      cache: None, a ``KVCache`` or a ``RingKVCache``.
+      cache: None, a ``KVCache``, a ``RingKVCache``, or a cache with an ``attend``
+        method (``attn.kv.head_cache``: per-head KV policies), which then attends.
       extra_range_BT2: ``[B, T, 2]`` int or None (``Mask.q_extra_range``).
 
     Returns:
@@ -394,6 +395,16 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
                     q_positions=positions_BT, kv_positions=positions_BT,
                     q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
                     q_extra_range=extra_range_BT2)
+    elif hasattr(cache, "attend"):
+        # A cache that attends over itself (attn.kv: per-head policy caches, whose kv
+        # heads hold different tokens, which one [B, S] mask cannot describe).
+        if extra_range_BT2 is not None:
+            raise NotImplementedError("MHA: extra_range_BT2 is not served by per-head policy caches")
+        seg = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT
+        sinks = params["sinks"].astype(jnp.float32) if cfg.sinks else None
+        o, cache = cache.attend(q, k, v, positions_BT, seg, window=cfg.mask_window,
+                                softcap=cfg.softcap, sinks=sinks, impl=cfg.impl)
+        return _project_out(params, o, cfg), cache
     else:
         seg = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT
         # The cache decides what we attend over (full buffer, or ring ++ new tokens);
@@ -407,10 +418,14 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
     sinks = params["sinks"].astype(jnp.float32) if cfg.sinks else None
     o = attention(q, k, v, mask=mask, softcap=cfg.softcap, sinks=sinks, impl=cfg.impl,
                   self_attention=cache is None)  # with a cache, k/v are the cache's slots
-    y = jnp.einsum("BTNE,NED->BTD", o, params["o_kernel"].astype(cfg.dtype))
+    return _project_out(params, o, cfg), cache
+
+
+def _project_out(params, o_BTNE, cfg: Config):
+    y = jnp.einsum("BTNE,NED->BTD", o_BTNE, params["o_kernel"].astype(cfg.dtype))
     if cfg.use_bias:
         y = y + params["o_bias"].astype(cfg.dtype)
-    return y, cache
+    return y
 
 
 # --------------------------------------------------------------------------- registration

@@ -30,7 +30,8 @@ Command line (``attnlab generate`` is the same ``main``)::
 
   python -m models.generate --model smollm2-135m --prompt "The capital of France is" \\
       --max-new-tokens 64 [--chat] [--greedy | --temperature T --top-p P --top-k K] [--seed S] \\
-      [--kv-cache dense|paged] [--kv-quant none|int8|int4|fp8] [--page-size 16]
+      [--kv-cache dense|paged] [--kv-quant none|int8|int4|fp8] [--page-size 16] \\
+      [--kv-policy snapkv --kv-budget 0.25 --kv-policy-arg window=32]
 """
 
 from __future__ import annotations
@@ -97,15 +98,20 @@ def _check_sampling(config: LMConfig, temperature, top_k, top_p):
 
 # --------------------------------------------------------------------------- jitted steps
 @functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("max_len", "cache_dtype", "kv_cache", "kv_quant", "page_size"))
-def _prefill(config, variables, tokens_BP, mask_BP, *, max_len, cache_dtype, kv_cache="dense",
-             kv_quant="none", page_size=16):
+                   static_argnames=("max_len", "cache_dtype", "kv_cache", "kv_quant", "page_size",
+                                    "kv_policy", "max_keep"))
+def _prefill(config, variables, tokens_BP, mask_BP, budget_B=None, *, max_len, cache_dtype,
+             kv_cache="dense", kv_quant="none", page_size=16, kv_policy=None, max_keep=None):
     """Left-padded prompt → (last real logits ``[B, V]``, cache, next positions ``[B]``)."""
-    from models.serving import make_cache
+    from models.serving import make_cache, make_policy_cache
 
-    B, _ = tokens_BP.shape
-    cache = make_cache(config, B, max_len, cache_dtype, kv_cache=kv_cache, kv_quant=kv_quant,
-                       page_size=page_size)
+    B, P = tokens_BP.shape
+    if kv_policy is None:
+        cache = make_cache(config, B, max_len, cache_dtype, kv_cache=kv_cache, kv_quant=kv_quant,
+                           page_size=page_size)
+    else:
+        cache = make_policy_cache(config, kv_policy, budget_B, max_keep=max_keep,
+                                  max_new=max_len - P, page_size=page_size)
     seg_BP = mask_BP.astype(jnp.int32)
     pos_BP = jnp.maximum(jnp.cumsum(seg_BP, axis=1) - 1, 0)
     logits, cache = Transformer(config).apply(variables, tokens_BP, positions_BT=pos_BP,
@@ -161,7 +167,8 @@ def stream(config: LMConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
            eos_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, max_len: int | None = None,
            cache_dtype=None, kv_cache: str = "dense", kv_quant: str = "none",
-           page_size: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+           page_size: int = 16, kv_policy=None,
+           kv_budget: float = 1.0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(tokens [B] int32, live [B] bool)`` once per step as the tokens are produced.
 
     ``live[b]`` is True when ``tokens[b]`` belongs to row ``b``'s output (rows that hit an
@@ -180,6 +187,11 @@ def stream(config: LMConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
         ``"dense"`` / ``"paged"`` (pages of ``page_size`` tokens), and ``"none"`` or a
         quantized format (``"int8"``, ``"int4"``, ``"fp8"``; the newest tokens up to a
         page stay exact). Greedy decoding on a paged cache equals the dense one.
+      kv_policy, kv_budget: an ``attn.kv.policy.KVPolicy`` (``make_policy(name)``) and the
+        fraction of each row's prompt every kv head keeps (``attn.kv.policy.budgets``):
+        the prompt is prefilled exactly, then each layer keeps what the policy selects,
+        per head and per row (``attn.kv.head_cache.HeadKVCache``), and decoding attends
+        over that. ``kv_budget=1`` with any policy equals the full cache.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -206,10 +218,22 @@ def stream(config: LMConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
     variables = params if "params" in params else {"params": params}
     sample = functools.partial(_sample, key=jax.random.key(seed), temperature=float(temperature),
                                top_k=top_k, top_p=None if top_p is None else float(top_p))
+    policy_args = {}
+    if kv_policy is not None:
+        from attn.errors import UserError
+        from attn.kv.policy import budgets
+
+        if kv_cache != "dense" or kv_quant != "none":
+            raise UserError(f"a KV policy builds its own per-head paged cache; it does not combine "
+                            f"with kv_cache={kv_cache!r} / kv_quant={kv_quant!r}")
+
+        budget_B = budgets(mask_BP.sum(axis=1), kv_budget)
+        policy_args = dict(budget_B=jnp.asarray(budget_B), kv_policy=kv_policy,
+                           max_keep=int(kv_policy.max_keep(P, int(budget_B.max()))))
     logits_BV, cache, pos_B = _prefill(
         config, variables, jnp.asarray(tokens_BP), jnp.asarray(mask_BP), max_len=max_len,
         cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype), kv_cache=kv_cache,
-        kv_quant=kv_quant, page_size=page_size)
+        kv_quant=kv_quant, page_size=page_size, **policy_args)
     eos = np.asarray(list(eos_ids), np.int32)
     live = np.ones((B,), bool)
     for step in range(max_new_tokens):
@@ -305,6 +329,13 @@ def build_parser(prog="python -m models.generate") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_cache_flags(p)
+    p.add_argument("--kv-policy", default=None,
+                   help="KV-cache policy after prefill (attn.kv: streaming, snapkv, ...); "
+                        "default: keep the full cache")
+    p.add_argument("--kv-budget", type=float, default=0.25,
+                   help="with --kv-policy: fraction of the prompt each kv head keeps (default %(default)s)")
+    p.add_argument("--kv-policy-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="a knob of the policy (repeatable), e.g. window=32")
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr at the end")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors")
     return p
@@ -341,6 +372,14 @@ def _main(argv: list[str], prog: str) -> int:
     from models.serving import check_cache_args
 
     check_cache_args(args.kv_cache, args.kv_quant, args.page_size, flags=True)
+    policy = None
+    if args.kv_policy is not None:
+        from attn.kv.policy import budgets, make_policy, parse_knobs
+
+        policy = make_policy(args.kv_policy, **parse_knobs(args.kv_policy_arg))  # UserError
+        budgets([1], args.kv_budget)  # the fraction, checked before the model loads
+    elif args.kv_policy_arg:
+        raise UserError("--kv-policy-arg needs --kv-policy")
     from models import pretrained  # the importer (gguf / safetensors / tokenizers)
 
     pre = pretrained.load(args.model, dtype=jnp.dtype(args.dtype))  # PretrainedError: a UserError
@@ -363,7 +402,8 @@ def _main(argv: list[str], prog: str) -> int:
                           eos_ids=tuple(tok.eos_ids), temperature=temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           kv_cache=args.kv_cache, kv_quant=args.kv_quant,
-                          page_size=args.page_size):
+                          page_size=args.page_size, kv_policy=policy,
+                          kv_budget=args.kv_budget):
         n += 1
         sys.stdout.write(out.push(int(t[0])))
         sys.stdout.flush()

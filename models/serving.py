@@ -197,6 +197,49 @@ def make_cache(config: LMConfig, batch: int, max_len: int, dtype=None, *, kv_cac
     return build(config, batch, max_len, page_size, dtype)
 
 
+def make_policy_cache(config: LMConfig, policy, budget_B, *, max_keep: int, max_new: int,
+                      page_size: int = 16):
+    """Per-layer ``attn.kv.head_cache.PolicyPrefillCache`` for ``Transformer``.
+
+    The prefill call then runs exact attention over the prompt and each layer keeps what
+    ``policy`` selects, per kv head and row (``budget_B [B]`` tokens), in a
+    ``HeadKVCache``; decoding continues on it. ``policy.layer_state`` (per-layer arrays,
+    e.g. retrieval-head scores) is split by layer in ``init_cache``'s layout.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from attn.kv.policy import make_policy
+      >>> cfg = LMConfig(vocab_size=8, d_model=16, num_layers=2, num_heads=2)
+      >>> c = make_policy_cache(cfg, make_policy("streaming"), jnp.array([4]), max_keep=4, max_new=2)
+      >>> type(c[0][0]).__name__
+      'PolicyPrefillCache'
+    """
+    from attn.kv.head_cache import PolicyPrefillCache
+
+    template = init_cache(config, batch=1, max_len=1)
+    P, R = len(config.pattern), config.num_repeats
+    for c in jax.tree_util.tree_leaves(template, is_leaf=lambda x: isinstance(x, KVCache)):
+        if type(c) is not KVCache:
+            raise UserError(f"KV policies replace the full KVCache; this model has a "
+                            f"{type(c).__name__} layer (windowed, latent or recurrent caches "
+                            "have no per-head policy yet)")
+    first = jax.tree_util.tree_leaves(template, is_leaf=lambda x: isinstance(x, KVCache))[0]
+    state = policy.layer_state(config.num_layers, first.k.shape[-2])
+    budget_B = jnp.asarray(budget_B, jnp.int32)
+
+    def one(layers):  # layer indices -> a cache (stacked along the layer axis when scanning)
+        st = None if state is None else jax.tree_util.tree_map(lambda a: jnp.asarray(a)[layers], state)
+        b = budget_B if not config.scan_layers else jnp.broadcast_to(budget_B, (len(layers),) + budget_B.shape)
+        if st is not None and not config.scan_layers:
+            st = jax.tree_util.tree_map(lambda a: a[0], st)
+        return PolicyPrefillCache(budget_B=b, layer_state=st, policy=policy, max_new=max_new,
+                                  page_size=page_size, max_keep=max_keep)
+
+    if config.scan_layers:
+        return tuple(one(np.arange(j, config.num_layers, P)) for j in range(P))
+    return tuple(tuple(one(np.array([r * P + j])) for j in range(P)) for r in range(R))
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("cache",))
 def _step(config, variables, tokens_BT, pos_BT, seg_BT, cache):
     logits, cache = Transformer(config).apply(variables, tokens_BT, positions_BT=pos_BT,
