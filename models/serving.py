@@ -23,6 +23,11 @@ tested against ``models.generate.generate_batch``).
 Supported mechanisms: the MHA family (mha / gqa / mqa) without a sliding window (their
 cache is the full ``KVCache``, which the paged cache replaces). Others are refused by name.
 
+With a KV-cache policy (``Engine(..., kv_policy=make_policy("snapkv"), kv_budget=0.25)``,
+``attn.kv``), each admitted request is prefilled alone in one call (the policy needs the
+whole prompt), its kept tokens are copied into a shared per-(row, kv head) pool, and it
+decodes in the running batch like any other row.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from models.transformer import LMConfig, Transformer
@@ -85,6 +90,7 @@ class _Slot:
     fed: int = 0  # prompt tokens fed so far
     out: list = dataclasses.field(default_factory=list)
     last: int | None = None  # token to feed next in decode
+    finished: bool = False
 
     @property
     def prefilling(self) -> bool:
@@ -249,13 +255,44 @@ def _step(config, variables, tokens_BT, pos_BT, seg_BT, cache):
     return logits_BV, cache, overflow_state(cache)
 
 
+def _is_row_cache(x) -> bool:
+    from attn.kv.head_cache import HeadKVCache
+    return isinstance(x, (PagedKVCache, HeadKVCache))
+
+
+def _per_layer(config, fn, *trees):
+    """Apply ``fn`` to each layer's cache (vmapped over the stacked layer axis when scanning)."""
+    f = jax.vmap(fn) if config.scan_layers else fn
+    return jax.tree_util.tree_map(f, *trees, is_leaf=_is_row_cache)
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("cache",))
 def _release(config, rows_B, cache):
-    def rel(c):
-        if config.scan_layers:
-            return jax.vmap(lambda x: x.release(rows_B))(c)
-        return c.release(rows_B)
-    return jax.tree_util.tree_map(rel, cache, is_leaf=lambda x: isinstance(x, PagedKVCache))
+    return _per_layer(config, lambda c: c.release(rows_B), cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("policy", "max_keep", "page_size"))
+def _prefill_policy(config, variables, tokens_1P, budget_1, *, policy, max_keep, page_size):
+    """One request's prompt, prefilled alone through the policy: (last logits [1, V], caches)."""
+    P = tokens_1P.shape[1]
+    cache = make_policy_cache(config, policy, budget_1, max_keep=max_keep, max_new=1,
+                              page_size=page_size)
+    pos = jnp.arange(P, dtype=jnp.int32)[None]
+    logits, cache = Transformer(config).apply(variables, tokens_1P, positions_BT=pos,
+                                              segment_ids_BT=jnp.ones_like(pos), cache=cache)
+    return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("batch", "max_len"))
+def _empty_policy_pool(config, one, *, batch, max_len):
+    from attn.kv.head_cache import HeadKVCache
+    return _per_layer(config, lambda o: HeadKVCache.empty_like(o, batch=batch, max_len=max_len), one)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("cache",))
+def _insert(config, cache, one, row):
+    return _per_layer(config, lambda c, o: c.insert(o, row), cache, one)
 
 
 class Engine:
@@ -267,17 +304,49 @@ class Engine:
       max_len: prompt + generated tokens one request may hold.
       page_size: tokens per cache page (must divide ``max_len``).
       prefill_chunk: prompt tokens a slot feeds per step.
+      kv_policy, kv_budget: an ``attn.kv`` policy and the fraction of each prompt every kv
+        head keeps. A policy needs the whole prompt, so each request is then prefilled
+        alone in one call (not in chunks); the kept tokens are copied into the shared
+        per-(row, kv head) pool (``attn.kv.head_cache.HeadKVCache``) and the request
+        decodes in the running batch. Each request decodes as ``models.generate`` does
+        with the same policy and budget (tested).
     """
 
     def __init__(self, config: LMConfig, variables, *, max_batch: int, max_len: int,
-                 page_size: int = 16, prefill_chunk: int = 64):
+                 page_size: int = 16, prefill_chunk: int = 64, kv_policy=None,
+                 kv_budget: float = 1.0):
         if prefill_chunk <= 0 or max_batch <= 0:
             raise UserError(f"Engine: max_batch={max_batch} and prefill_chunk={prefill_chunk} "
                             "must be positive")
         self.config, self.variables = config, variables
         self.B, self.max_len, self.chunk = max_batch, max_len, prefill_chunk
-        self.cache = init_paged_cache(config, max_batch, max_len, page_size)
+        self.policy, self.budget, self.page_size = kv_policy, kv_budget, page_size
+        if kv_policy is None:
+            self.cache = init_paged_cache(config, max_batch, max_len, page_size)
+        else:
+            from attn.kv.policy import budgets
+
+            budgets([1], kv_budget)  # a bad fraction fails here, not at the first request
+            make_policy_cache(config, kv_policy, jnp.ones((1,), jnp.int32), max_keep=1,
+                              max_new=1)  # refuses non-MHA models by name, now
+            self.cache = None  # built from the first prefilled request's shapes
         self.pool_pages = pages_for(max_batch, max_len, page_size)
+
+    def _admit_with_policy(self, i: int, s: "_Slot") -> Iterator[Event]:
+        """Prefill slot i's prompt alone through the policy, copy it in, emit its first token."""
+        from attn.kv.policy import budgets
+
+        ids = np.asarray(s.req.prompt, np.int32)[None]
+        b = budgets([ids.shape[1]], self.budget)
+        logits, one = _prefill_policy(self.config, self.variables, jnp.asarray(ids), jnp.asarray(b),
+                                      policy=self.policy, page_size=self.page_size,
+                                      max_keep=int(self.policy.max_keep(ids.shape[1], int(b[0]))))
+        check_overflow(overflow_state(one), where="serving (policy prefill)")
+        if self.cache is None:
+            self.cache = _empty_policy_pool(self.config, one, batch=self.B, max_len=self.max_len)
+        self.cache = _insert(self.config, self.cache, one, jnp.int32(i))
+        s.fed = len(s.req.prompt)
+        yield from self._emit(s, np.asarray(logits)[0])
 
     def _refusal(self, req: Request) -> str | None:
         V = self.config.vocab_size
@@ -297,7 +366,6 @@ class Engine:
         """Serve ``requests`` (ids = their index); yields ``Event`` s as tokens are made."""
         waiting = deque(enumerate(requests))
         slots: list[_Slot | None] = [None] * self.B
-        V = self.config.vocab_size
         while waiting or any(slots):
             for i in range(self.B):  # admit
                 while slots[i] is None and waiting:
@@ -307,6 +375,12 @@ class Engine:
                         yield Event(rid, error=why)
                         continue
                     slots[i] = _Slot(rid, req)
+                    if self.policy is not None:
+                        yield from self._admit_with_policy(i, slots[i])
+                        if slots[i].finished:
+                            self.cache = _release(self.config, jnp.arange(self.B) == i,
+                                                  cache=self.cache)
+                            slots[i] = None
             if not any(slots):
                 break
             T = self.chunk if any(s and s.prefilling for s in slots) else 1
@@ -333,23 +407,27 @@ class Engine:
             for i, s in enumerate(slots):
                 if s is None or s.prefilling:
                     continue
-                r = s.req
-                key = jax.random.fold_in(jax.random.key(r.seed), len(s.out))
-                t = int(sample_logits(jnp.asarray(logits[i:i + 1]), key,
-                                      temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)[0])
-                if not 0 <= t < V:  # cannot happen with these samplers: say so if it does
-                    yield Event(s.rid, error=f"sampled token {t} outside the vocab [0, {V})")
-                    finished[i] = True
-                    continue
-                s.out.append(t)
-                s.last = t
-                done = len(s.out) >= r.max_new_tokens or (r.eos_id is not None and t == r.eos_id)
-                yield Event(s.rid, token=t, done=done)
-                finished[i] |= done
+                yield from self._emit(s, logits[i])
+                finished[i] = s.finished
             if finished.any():
                 self.cache = _release(self.config, jnp.asarray(finished), cache=self.cache)
                 for i in np.flatnonzero(finished):
                     slots[i] = None
+
+    def _emit(self, s: "_Slot", logits_V) -> Iterator[Event]:
+        """Sample slot s's next token from its logits and yield it (sets ``s.finished``)."""
+        r, V = s.req, self.config.vocab_size
+        key = jax.random.fold_in(jax.random.key(r.seed), len(s.out))
+        t = int(sample_logits(jnp.asarray(logits_V)[None], key, temperature=r.temperature,
+                              top_k=r.top_k, top_p=r.top_p)[0])
+        if not 0 <= t < V:  # cannot happen with these samplers: say so if it does
+            s.finished = True
+            yield Event(s.rid, error=f"sampled token {t} outside the vocab [0, {V})")
+            return
+        s.out.append(t)
+        s.last = t
+        s.finished = len(s.out) >= r.max_new_tokens or (r.eos_id is not None and t == r.eos_id)
+        yield Event(s.rid, token=t, done=s.finished)
 
     def run(self, requests: Sequence[Request]) -> dict[int, list[int] | str]:
         """All tokens per request id (or the error string of a refused request)."""

@@ -201,3 +201,21 @@ def test_budgets_knobs_and_errors():
     assert parse_knobs(["sinks=2"]) == {"sinks": 2}
     with pytest.raises(UserError, match="NAME=VALUE"):
         parse_knobs(["sinks"])
+
+
+def test_serving_with_a_policy_decodes_like_generate():
+    """Requests join a running batch through the policy; each decodes as it would alone
+    (scanned layers, as the imported checkpoints use)."""
+    from models.serving import Engine, Request
+
+    cfg, v = _tiny(True)
+    pol = make_policy("snapkv", window=2, kernel=3)
+    eng = Engine(cfg, v, max_batch=2, max_len=24, page_size=4, kv_policy=pol, kv_budget=0.5)
+    budgets_new = [5, 3, 4]
+    out = eng.run([Request(p, n) for p, n in zip(PROMPTS, budgets_new)])
+    for i, (p, n) in enumerate(zip(PROMPTS, budgets_new)):
+        assert out[i] == generate_batch(cfg, v, [p], max_new_tokens=n, kv_policy=pol,
+                                        kv_budget=0.5)[0], i
+    # Every page went back to the pool when the requests finished.
+    leaves = jax.tree_util.tree_leaves(eng.cache, is_leaf=lambda x: isinstance(x, HeadKVCache))
+    assert all(int(jnp.sum(c.paged.refcount)) == 0 for c in leaves)

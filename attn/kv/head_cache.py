@@ -153,6 +153,44 @@ class HeadKVCache:
             *_, paged = paged.append(ekf, fold_heads(ev), _rows(epos, K), eseg_RX)
         return cls(paged=paged, channels=channels_BKC, num_kv_heads=K, head_dim=H)
 
+    @classmethod
+    def empty_like(cls, one: "HeadKVCache", *, batch: int, max_len: int) -> "HeadKVCache":
+        """An empty cache of ``batch`` rows shaped like ``one`` (a serving batch's pool).
+
+        Every (row, head) can hold ``max_len`` tokens (the pool is sized so that it never
+        overflows); ``insert`` fills a row from a prefilled single-request cache.
+        """
+        p, K = one.paged, one.num_kv_heads
+        C = p.page_size
+        pages = -(-max_len // C)
+        paged = PagedKVCache.create(batch=batch * K, num_pages=batch * K * pages, page_size=C,
+                                    max_pages=pages, num_kv_heads=1, head_dim=p.k.shape[-1],
+                                    value_dim=p.v.shape[-1], dtype=p.k.dtype)
+        ch = None if one.channels is None else jnp.zeros((batch,) + one.channels.shape[1:],
+                                                         one.channels.dtype)
+        return cls(paged=paged, channels=ch, num_kv_heads=K, head_dim=one.head_dim)
+
+    def insert(self, one: "HeadKVCache", row) -> "HeadKVCache":
+        """Row ``row`` (traced int; must be empty) takes the tokens of ``one`` (batch 1).
+
+        The kept tokens are copied into fresh pages of this pool, so a request prefilled
+        alone (its policy saw its whole prompt) joins a running batch.
+        """
+        K = self.num_kv_heads
+        R = self.paged.page_table.shape[0]
+        k, v, pos, seg = one.paged.gather_dense()  # [K, S1, 1, H], ..., [K, S1]
+        put = lambda a: jax.lax.dynamic_update_slice_in_dim(
+            jnp.zeros((R,) + a.shape[1:], a.dtype), a, row * K, axis=0)
+        *_, paged = self.paged.append(put(k), put(v), put(pos), put(seg))
+        ch = self.channels
+        if ch is not None:
+            ch = jax.lax.dynamic_update_slice_in_dim(ch, one.channels.astype(ch.dtype), row, axis=0)
+        return self.replace(paged=paged, channels=ch)
+
+    def release(self, rows_B) -> "HeadKVCache":
+        """Free the pages of rows where ``rows_B [B]`` is True (all their heads)."""
+        return self.replace(paged=self.paged.release(_rows(jnp.asarray(rows_B, bool), self.num_kv_heads)))
+
     def kept_BK(self) -> Array:
         """int32 ``[B, K]``: tokens held per (row, kv head)."""
         return self.paged.lengths.reshape(-1, self.num_kv_heads)
