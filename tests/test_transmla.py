@@ -213,9 +213,9 @@ def test_attn_never_imports_models():
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "attn")
     upward = {"models", "train", "configs", "benchmarks"}
     bad = []
-    for name in sorted(os.listdir(root)):
-        if not name.endswith(".py"):
-            continue
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root)
+                   for f in fs if f.endswith(".py"))  # subpackages too (attn/kv, attn/linear)
+    for name in files:
         with open(os.path.join(root, name)) as f:
             tree = ast.parse(f.read())
         for node in ast.walk(tree):
