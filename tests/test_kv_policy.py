@@ -219,3 +219,29 @@ def test_serving_with_a_policy_decodes_like_generate():
     # Every page went back to the pool when the requests finished.
     leaves = jax.tree_util.tree_leaves(eng.cache, is_leaf=lambda x: isinstance(x, HeadKVCache))
     assert all(int(jnp.sum(c.paged.refcount)) == 0 for c in leaves)
+
+
+def test_one_prefill_many_policies_equals_prefill_per_policy():
+    """``PolicyPrefillCache(policy=None)`` hands back the observation; a cache built from it
+    equals the one the policy builds during prefill. Held bytes count stacked layers."""
+    import dataclasses
+
+    from models.serving import make_policy_cache
+
+    cfg, v = _tiny(True)
+    toks = jnp.asarray([[3, 5, 7, 9, 11, 13, 2, 4]])
+    pos = jnp.arange(8)[None]
+    seg = jnp.ones_like(pos)
+    pol = make_policy("snapkv", window=2, kernel=1)
+    direct = make_policy_cache(cfg, pol, jnp.array([3]), max_keep=3, max_new=2, page_size=2)
+    _, want = Transformer(cfg).apply(v, toks, positions_BT=pos, segment_ids_BT=seg, cache=direct)
+    obs_cache = jax.tree_util.tree_map(lambda c: c.replace(policy=None), direct,
+                                       is_leaf=lambda x: isinstance(x, PolicyPrefillCache))
+    _, obs = Transformer(cfg).apply(v, toks, positions_BT=pos, segment_ids_BT=seg, cache=obs_cache)
+    got = jax.vmap(lambda o: HeadKVCache.from_observation(
+        dataclasses.replace(o, budget_B=jnp.array([3])), pol, max_new=2, page_size=2,
+        max_keep=3))(obs[0])
+    for a, b in zip(jax.tree_util.tree_leaves(want[0]), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # 2 layers x (B*K = 2 rows) x ceil(3 / 2) = 2 pages of 2 slots, each 2 x 8 floats + 8 B.
+    assert int(got.held_bytes()) == 2 * 2 * 2 * 2 * (2 * 8 * 4 + 8)

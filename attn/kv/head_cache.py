@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from attn.cache import SLOT_META_BYTES
@@ -154,6 +155,21 @@ class HeadKVCache:
         return cls(paged=paged, channels=channels_BKC, num_kv_heads=K, head_dim=H)
 
     @classmethod
+    def from_observation(cls, obs, policy, *, max_new: int, page_size: int = 16,
+                         max_keep: int | None = None) -> "HeadKVCache":
+        """The cache ``policy`` makes of one layer's ``Observation``.
+
+        ``PolicyPrefillCache(policy=None)`` returns the observation as the layer's "cache",
+        so one prefill can be compressed by many policies and budgets
+        (``obs.replace``-style: ``dataclasses.replace(obs, budget_B=...)``); with
+        stacked layers, ``jax.vmap`` this over the layer axis.
+        """
+        sel = policy.select(obs)
+        return cls.build(obs.k, obs.v, obs.positions, obs.segment_ids, sel.keep, max_new=max_new,
+                         page_size=page_size, max_keep=max_keep, channels_BKC=sel.channels,
+                         extra=sel.extra)
+
+    @classmethod
     def empty_like(cls, one: "HeadKVCache", *, batch: int, max_len: int) -> "HeadKVCache":
         """An empty cache of ``batch`` rows shaped like ``one`` (a serving batch's pool).
 
@@ -201,12 +217,15 @@ class HeadKVCache:
                 + SLOT_META_BYTES)
 
     def held_bytes(self) -> Array:
-        """Bytes of the live pages (K + V + position and segment per slot)."""
-        return jnp.sum(self.paged.num_pages) * self.paged.page_size * self._slot_bytes()
+        """Bytes of the live pages (K + V + position and segment per slot); summed over
+        the layer axis when the caches are stacked (``scan_layers``)."""
+        C = self.paged.k.shape[-3]  # k is [(L,) P, C, 1, H']: not .page_size when stacked
+        return jnp.sum(self.paged.num_pages) * C * self._slot_bytes()
 
     def reserved_bytes(self) -> int:
-        """Bytes of the whole page pool (what the arrays occupy)."""
-        return int(self.paged.k.shape[0] * self.paged.page_size * self._slot_bytes())
+        """Bytes of the whole page pool (what the arrays occupy), all stacked layers."""
+        pages_and_slots = int(np.prod(self.paged.k.shape[:-2]))
+        return pages_and_slots * self._slot_bytes()
 
     def attend(self, q_BTNH, k_BTKH, v_BTKE, positions_BT, segment_ids_BT, *, window=None,
                softcap=None, sinks=None, impl: str = "auto"):
@@ -242,7 +261,8 @@ class PolicyPrefillCache:
       budget_B: int32 ``[B]`` tokens each head of row b may keep (the policy reads it).
       layer_state: the policy's per-layer arrays (e.g. per-head retrieval scores ``[K]``)
         or None; stacked along the layer axis like every cache leaf under ``scan``.
-      policy: static, hashable ``attn.kv.policy.KVPolicy``.
+      policy: static, hashable ``attn.kv.policy.KVPolicy``; None: the prefill returns the
+        layer's ``Observation`` instead of a cache (``HeadKVCache.from_observation``).
       max_new: static tokens to be decoded after the prompt.  page_size: static.
       max_keep: static bound on the tokens one head keeps (sizes the pool), or None.
     """
@@ -274,9 +294,7 @@ class PolicyPrefillCache:
         obs = Observation(q=q_BTNH, k=k_BTKH, v=v_BTKE, positions=pos, segment_ids=seg,
                           budget_B=self.budget_B, layer_state=self.layer_state,
                           softcap=softcap, window=window)
-        sel = self.policy.select(obs)
-        cache = HeadKVCache.build(k_BTKH, v_BTKE, pos, seg, sel.keep, max_new=self.max_new,
-                                  page_size=self.page_size, max_keep=self.max_keep,
-                                  channels_BKC=sel.channels,
-                                  extra=sel.extra)
-        return o, cache
+        if self.policy is None:  # keep the observation itself (see ``from_observation``)
+            return o, obs
+        return o, HeadKVCache.from_observation(obs, self.policy, max_new=self.max_new,
+                                               page_size=self.page_size, max_keep=self.max_keep)
