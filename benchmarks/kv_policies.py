@@ -108,84 +108,179 @@ def _kv_leaves(cache):
 
 
 def held_bytes(cache) -> int:
-    """Live-page bytes of every ``HeadKVCache`` layer: what ``HeadKVCache.held_bytes()``
-    counts (pages × page size × K + V + position/segment bytes per slot), summed over layers.
-
-    Computed here from the page arrays rather than by ``held_bytes()`` because under
-    ``scan_layers`` (SmolLM2) the leaves are stacked along a layer axis, and
-    ``paged.page_size`` then reads the pool axis (``k.shape[1]``) instead of the page axis.
-    """
-    from attn.cache import SLOT_META_BYTES
+    """Live-page bytes of every ``HeadKVCache`` layer (``HeadKVCache.held_bytes()``: pages ×
+    page size × K + V + position/segment bytes per slot, summed over stacked layers)."""
     from attn.kv.head_cache import HeadKVCache
 
-    total = 0
-    for c in _kv_leaves(cache):
-        if isinstance(c, HeadKVCache):
-            k, v = c.paged.k, c.paged.v  # [..., pages, C, 1, H'] (a leading layer axis under scan)
-            slot = k.shape[-1] * k.dtype.itemsize + v.shape[-1] * v.dtype.itemsize + SLOT_META_BYTES
-            total += int(np.sum(np.asarray(c.paged.num_pages))) * k.shape[-3] * slot
-    return total
+    return sum(int(c.held_bytes()) for c in _kv_leaves(cache) if isinstance(c, HeadKVCache))
 
 
-def full_bytes(config, cache, real_tokens: int) -> int:
-    """The full cache's bytes for ``real_tokens`` prompt tokens, counted like ``held_bytes``."""
+def full_bytes(config, obs_cache, real_tokens: int) -> int:
+    """The full cache's bytes for ``real_tokens`` prompt tokens, counted like ``held_bytes``
+    (every layer and kv head; K + V + position/segment per slot)."""
+    import jax
+
     from attn.cache import SLOT_META_BYTES
+    from attn.kv.policy import Observation
 
-    c = _kv_leaves(cache)[0]
-    if hasattr(c, "paged"):  # HeadKVCache: one kv head per row, maybe H' < H channels (ThinK)
-        k, v, K, H = c.paged.k, c.paged.v, c.num_kv_heads, c.head_dim
-    else:
-        k, v = c.k, c.v
-        K, H = k.shape[-2], k.shape[-1]
-    slot = H * k.dtype.itemsize + v.shape[-1] * v.dtype.itemsize + SLOT_META_BYTES
+    o = [x for x in jax.tree_util.tree_leaves(obs_cache, is_leaf=lambda x: isinstance(x, Observation))
+         if isinstance(x, Observation)][0]
+    K = o.k.shape[-2]
+    slot = o.k.shape[-1] * o.k.dtype.itemsize + o.v.shape[-1] * o.v.dtype.itemsize + SLOT_META_BYTES
     return int(config.num_layers * real_tokens * K * slot)
 
 
-def _prefill_compiled(config, variables, tokens_BP, mask_BP, *, policy, budget, max_new):
-    """AOT-compiled ``models.generate._prefill`` and its dynamic arguments (compile not timed)."""
+def _observe_fn(config, variables, tokens_BP, mask_BP, *, max_new):
+    """One prefill whose per-layer "cache" is the layer's ``Observation``
+    (``PolicyPrefillCache(policy=None)``): (last real logits ``[B, V]``, observations, next
+    positions ``[B]``). The prompt attention is exact (what every policy's prefill computes)."""
+    import jax
     import jax.numpy as jnp
 
-    from attn.kv.policy import budgets
-    from models.generate import _prefill
+    from attn.kv.head_cache import PolicyPrefillCache
+    from attn.kv.policy import make_policy
+    from models.serving import make_policy_cache
+    from models.transformer import Transformer
 
     B, P = tokens_BP.shape
-    args = [variables, jnp.asarray(tokens_BP), jnp.asarray(mask_BP)]
-    kw = dict(max_len=P + max_new, cache_dtype=None)
-    if policy is not None:
-        budget_B = budgets(mask_BP.sum(axis=1), budget)
-        args.append(jnp.asarray(budget_B))
-        kw.update(kv_policy=policy, max_keep=int(policy.max_keep(P, int(budget_B.max()))))
-    compiled = _prefill.lower(config, *args, **kw).compile()
-    return compiled, args
+    cache = make_policy_cache(config, make_policy("streaming"), jnp.zeros((B,), jnp.int32),
+                              max_keep=1, max_new=max_new)
+    cache = jax.tree_util.tree_map(lambda c: c.replace(policy=None, layer_state=None), cache,
+                                   is_leaf=lambda x: isinstance(x, PolicyPrefillCache))
+    seg_BP = mask_BP.astype(jnp.int32)
+    pos_BP = jnp.maximum(jnp.cumsum(seg_BP, axis=1) - 1, 0)
+    logits, obs = Transformer(config).apply(variables, tokens_BP, positions_BT=pos_BP,
+                                            segment_ids_BT=seg_BP, cache=cache)
+    return logits[:, -1], obs, pos_BP[:, -1] + 1
 
 
-def attnlab_needle(config, variables, prompts, *, policy=None, budget=1.0, max_new: int):
-    """Greedy ``max_new`` tokens for every prompt (one batch) with ``policy`` at ``budget``.
+def _build_policy_fn(obs, budget_B, state, *, config, policy, max_new, page_size, max_keep):
+    """The caches ``policy`` builds from the stored observations at ``budget_B`` (per layer,
+    ``HeadKVCache.from_observation``; vmapped over the stacked layer axis under scan).
+    ``state``: ``policy.layer_state(num_layers, K)`` (arrays with a leading layer axis) or None,
+    split by layer as ``models.serving.make_policy_cache`` does."""
+    import dataclasses
 
-    Returns ``dict(generated=[[ids]], held_bytes, full_bytes, prefill_s, decode_tok_s)``;
-    ``policy=None`` is the full (dense) cache.
-    """
+    import jax
+    import jax.numpy as jnp
+
+    from attn.kv.head_cache import HeadKVCache
+
+    P, R, Lyr = len(config.pattern), config.num_repeats, config.num_layers
+
+    def one(o, st):
+        return HeadKVCache.from_observation(dataclasses.replace(o, budget_B=budget_B, layer_state=st),
+                                            policy, max_new=max_new, page_size=page_size,
+                                            max_keep=max_keep)
+
+    take = lambda idx: None if state is None else jax.tree_util.tree_map(  # noqa: E731
+        lambda a: jnp.asarray(a)[idx], state)
+    if config.scan_layers:
+        out = []
+        for j in range(P):
+            st = take(np.arange(j, Lyr, P))
+            if st is None:
+                out.append(jax.vmap(lambda o: one(o, None))(obs[j]))
+            else:
+                out.append(jax.vmap(one)(obs[j], st))
+        return tuple(out)
+    return tuple(tuple(one(obs[r][j], take(r * P + j)) for j in range(P)) for r in range(R))
+
+
+def _build_full_fn(obs, *, config, max_len):
+    """The full dense ``KVCache`` (``init_cache``'s layout) holding every prompt token of the
+    stored observations, ``max_len`` slots: what ``_prefill`` without a policy leaves."""
+    import jax
+
+    from attn.cache import KVCache
+    from models.serving import init_cache
+
+    o0 = obs[0] if config.scan_layers else obs[0][0]
+    B = o0.k.shape[-4]
+    template = init_cache(config, B, max_len, o0.k.dtype)
+    fill = lambda c, o: c.append(o.k, o.v, o.positions, o.segment_ids)[-1]  # noqa: E731
+    if config.scan_layers:
+        fill = jax.vmap(fill)
+    return jax.tree_util.tree_map(fill, template, obs, is_leaf=lambda x: isinstance(x, KVCache))
+
+
+def _jit(fn, static=()):
+    import jax
+
+    key = (fn.__name__, static)
+    if key not in _JITS:
+        _JITS[key] = jax.jit(fn, static_argnums=(0,) if fn is _observe_fn else (),
+                             static_argnames=static)
+    return _JITS[key]
+
+
+_JITS: dict = {}
+
+
+def _aot(fn, *args, static=(), **kw):
+    """``fn`` jitted and compiled ahead for these arguments (compile time kept out of timings)."""
+    return _jit(fn, static).lower(*args, **kw).compile()
+
+
+def observe(config, variables, tokens_BP, mask_BP, *, max_new: int):
+    """Prefill once: ``(logits [B, V], observations, next positions [B], prefill seconds)``."""
+    import jax
+    import jax.numpy as jnp
+
+    args = (config, variables, jnp.asarray(tokens_BP), jnp.asarray(mask_BP))
+    c = _aot(_observe_fn, *args, static=("max_new",), max_new=max_new)
+    t = time.perf_counter()
+    logits, obs, pos = jax.block_until_ready(c(*args[1:]))
+    return logits, obs, pos, time.perf_counter() - t
+
+
+def build_cache(config, obs, lens_B, *, policy=None, budget=1.0, max_new: int, page_size: int = 16):
+    """``(cache, build seconds)``: the full dense cache (``policy=None``) or the caches
+    ``policy`` keeps at ``budget`` (``attn.kv.policy.budgets(lens_B, budget)`` tokens per row
+    and kv head), built from the stored observations (jitted per policy and budget, compiled
+    ahead: the seconds are the build alone)."""
+    import jax
+    import jax.numpy as jnp
+
+    from attn.kv.policy import Observation, budgets
+
+    o0 = [x for x in jax.tree_util.tree_leaves(obs, is_leaf=lambda x: isinstance(x, Observation))
+          if isinstance(x, Observation)][0]
+    P = o0.k.shape[-3]
+    if policy is None:
+        c = _aot(_build_full_fn, obs, static=("config", "max_len"), config=config, max_len=P + max_new)
+        args = (obs,)
+    else:
+        budget_B = budgets(np.asarray(lens_B), budget)
+        K = o0.k.shape[-2]
+        state = policy.layer_state(config.num_layers, K)
+        state = None if state is None else jax.tree_util.tree_map(jnp.asarray, state)
+        args = (obs, jnp.asarray(budget_B, jnp.int32), state)
+        kw = dict(config=config, policy=policy, max_new=max_new, page_size=page_size,
+                  max_keep=int(policy.max_keep(P, int(np.max(budget_B)))))
+        c = _aot(_build_policy_fn, *args, static=tuple(kw), **kw)
+    t = time.perf_counter()
+    cache = jax.block_until_ready(c(*args))
+    return cache, time.perf_counter() - t
+
+
+def greedy_decode(config, variables, logits_BV, pos_B, cache, *, max_new: int):
+    """Greedy ``max_new`` tokens: the first from the (shared, exact) prefill logits, the rest
+    by ``models.generate._decode`` steps. ``(tokens [[ids]], decode tok/s or None)`` (rows ×
+    steps ÷ time; the first decode step, which may compile, left out)."""
     import jax
     import jax.numpy as jnp
 
     from attn.cache import check_overflow, overflow_state
-    from models.generate import _decode, left_pad
+    from models.generate import _decode
 
-    tokens, mask = left_pad(prompts)
-    B = tokens.shape[0]
-    compiled, args = _prefill_compiled(config, variables, tokens, mask, policy=policy,
-                                       budget=budget, max_new=max_new)
-    t = time.perf_counter()
-    logits, cache, pos = jax.block_until_ready(compiled(*args))
-    prefill_s = time.perf_counter() - t
-    real = int(mask.sum())
-    held = held_bytes(cache) if policy is not None else full_bytes(config, cache, real)
-    full = full_bytes(config, cache, real)
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    B = logits_BV.shape[0]
+    tok = jnp.argmax(logits_BV, -1).astype(jnp.int32)
+    pos = pos_B
     out = [np.asarray(tok)]
     t = None
     for step in range(max_new - 1):
-        if step == 1:  # step 0 compiled the decode step
+        if step == 1:
             jax.block_until_ready(tok)
             t = time.perf_counter()
         logits, cache = _decode(config, variables, tok, pos, cache)
@@ -195,44 +290,145 @@ def attnlab_needle(config, variables, prompts, *, policy=None, budget=1.0, max_n
     dt = (time.perf_counter() - t) if t is not None else float("nan")
     check_overflow(overflow_state(cache), where="kv_policies")
     steps = max(max_new - 2, 0)
-    gen = np.stack(out, axis=1).tolist()
-    return dict(generated=gen, held_bytes=held, full_bytes=full, prefill_s=prefill_s,
-                decode_tok_s=(B * steps / dt) if steps and dt > 0 else None)
+    return np.stack(out, axis=1).tolist(), ((B * steps / dt) if steps and dt > 0 else None)
 
 
-def attnlab_ppl(config, variables, windows, *, policy=None, budget=1.0, prefix: int):
-    """Teacher-forced NLL of each window's continuation through the compressed prefix cache.
-
-    Returns ``dict(nll_sum, count, held_bytes, full_bytes)`` (nats, predictions).
-    """
+def continuation_nll(config, variables, logits_BV, windows, cache, *, prefix: int):
+    """``(nll_sum, count)``: teacher-forced NLL of each window's continuation through
+    ``cache`` (the prefix's); the prefix's last logits predict the first continuation token."""
     import jax
     import jax.numpy as jnp
 
     from attn.cache import check_overflow
     from models.perplexity import _chunk_nll
 
-    windows = np.asarray(windows, np.int32)
     B, W = windows.shape
-    cont = W - prefix
-    pre = windows[:, :prefix]
-    compiled, args = _prefill_compiled(config, variables, pre, np.ones(pre.shape, bool),
-                                       policy=policy, budget=budget, max_new=cont)
-    logits, cache, _ = compiled(*args)
-    held = held_bytes(cache) if policy is not None else full_bytes(config, cache, B * prefix)
-    full = full_bytes(config, cache, B * prefix)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     nll0 = -float(jnp.sum(jnp.take_along_axis(logp, jnp.asarray(windows[:, prefix])[:, None], axis=-1)))
-    T = cont - 1
+    T = W - prefix - 1
     pos = np.broadcast_to(np.arange(prefix, prefix + T, dtype=np.int32), (B, T))
     s, n, cache, state = _chunk_nll(config, variables, jnp.asarray(windows[:, prefix:W - 1]), jnp.asarray(pos),
                                     jnp.ones((B, T), jnp.int32), jnp.asarray(windows[:, prefix + 1:]),
                                     jnp.ones((B, T), bool), cache=cache)
     check_overflow(state, where="kv_policies perplexity")
-    return dict(nll_sum=nll0 + float(s), count=B + int(n), held_bytes=held, full_bytes=full)
+    return nll0 + float(s), B + int(n)
+
+
+def _err(e) -> str:
+    return f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def _methods(policies, budgets_):
+    return [("full", None, 1.0)] + [(n, p, b) for n, p in policies.items() for b in budgets_]
+
+
+def needle_rows(config, variables, L, cases, *, policies, budgets, log=print, on_row=None):
+    """Needle rows of one context length: ONE prefill of the batch (observations kept), the
+    full-cache answer decoded from it, then every (policy, budget) builds its caches from the
+    observations and decodes its answer. Returns ``(rows, shared)`` (``shared``: the
+    prefill's logits, observations, positions, prompts; for ``check_generate_batch``)."""
+    from models.generate import left_pad
+
+    prompts = [list(c.prompt_ids) for c in cases]
+    max_new = max(len(c.answer_ids) for c in cases) + 1
+    tokens, mask = left_pad(prompts)
+    lens = mask.sum(axis=1)
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        logits, obs, pos, prefill_s = observe(config, variables, tokens, mask, max_new=max_new)
+        fb = full_bytes(config, obs, int(mask.sum()))
+        shared_err = None
+    except Exception as e:  # noqa: BLE001
+        shared_err, obs = e, None
+        log(f"attnlab needle L={L}: the shared prefill failed: {_err(e)}")
+    first = True
+    for name, pol, b in _methods(policies, budgets):
+        row = dict(framework="attnlab", task="needle", method=name, budget=b, context_len=L,
+                   cases=len(cases))
+        t = time.perf_counter()
+        try:
+            if shared_err is not None:
+                raise shared_err
+            if isinstance(pol, Exception):
+                raise pol
+            cache, build_s = build_cache(config, obs, lens, policy=pol, budget=b, max_new=max_new)
+            held = fb if pol is None else held_bytes(cache)
+            gen, tok_s = greedy_decode(config, variables, logits, pos, cache, max_new=max_new)
+            correct = [bool(c.score(g)) for c, g in zip(cases, gen)]
+            row.update(generated=gen, correct=correct, accuracy=float(np.mean(correct)), held_bytes=held,
+                       full_bytes=fb, prefill_s=prefill_s if pol is None else None, build_s=build_s,
+                       shared_prefill_s=prefill_s, decode_tok_s=tok_s, status="ok")
+        except Exception as e:  # noqa: BLE001 -- reported in the table, the run goes on
+            row.update(status=_err(e))
+        row["wall_s"] = time.perf_counter() - t + ((t - t0) if first else 0.0)
+        first = False
+        rows.append(row)
+        log(_one_line(row))
+        if on_row:
+            on_row(row)
+    shared = None if obs is None else dict(logits=logits, obs=obs, pos=pos, prompts=prompts, lens=lens,
+                                           max_new=max_new)
+    return rows, shared
+
+
+def ppl_rows(config, variables, windows, *, policies, budgets, prefix: int, log=print, on_row=None):
+    """Perplexity rows: the prefixes prefilled ONCE (observations kept); the full dense cache
+    and every (policy, budget)'s caches built from them; the continuation scored through each."""
+    windows = np.asarray(windows, np.int32)
+    B, W = windows.shape
+    cont = W - prefix
+    pre = windows[:, :prefix]
+    mask = np.ones(pre.shape, bool)
+    rows = []
+    try:
+        logits, obs, _, prefill_s = observe(config, variables, pre, mask, max_new=cont)
+        fb = full_bytes(config, obs, B * prefix)
+        shared_err = None
+    except Exception as e:  # noqa: BLE001
+        shared_err = e
+    for name, pol, b in _methods(policies, budgets):
+        row = dict(framework="attnlab", task="ppl", method=name, budget=b, context_len=prefix,
+                   windows=int(B), cont=int(cont))
+        t = time.perf_counter()
+        try:
+            if shared_err is not None:
+                raise shared_err
+            if isinstance(pol, Exception):
+                raise pol
+            cache, build_s = build_cache(config, obs, mask.sum(axis=1), policy=pol, budget=b, max_new=cont)
+            held = fb if pol is None else held_bytes(cache)
+            s, n = continuation_nll(config, variables, logits, windows, cache, prefix=prefix)
+            row.update(nll_sum=s, count=n, ppl=math.exp(s / n), held_bytes=held, full_bytes=fb,
+                       build_s=build_s, shared_prefill_s=prefill_s, status="ok")
+        except Exception as e:  # noqa: BLE001
+            row.update(status=_err(e))
+        row["wall_s"] = time.perf_counter() - t
+        rows.append(row)
+        log(_one_line(row))
+        if on_row:
+            on_row(row)
+    return rows
+
+
+def check_generate_batch(config, variables, shared, rows, *, name, policy, budget) -> dict:
+    """Do the one-prefill tokens of (``name``, ``budget``) equal
+    ``generate_batch(..., kv_policy=, kv_budget=)``'s (a prefill of its own)?"""
+    from models.generate import generate_batch
+
+    row = next((r for r in rows if r["method"] == name and abs(r["budget"] - budget) < 1e-9
+                and r["status"] == "ok"), None)
+    if row is None or shared is None:
+        return dict(policy=name, budget=budget, status="not run (no ok row)")
+    t = time.perf_counter()
+    want = generate_batch(config, variables, shared["prompts"], max_new_tokens=shared["max_new"],
+                          kv_policy=policy, kv_budget=budget)
+    return dict(policy=name, budget=budget, context_len=row["context_len"], equal=want == row["generated"],
+                seconds=round(time.perf_counter() - t, 1), status="ok")
 
 
 def run_attnlab(config, variables, cases_by_len, windows, *, policies, budgets, prefix: int,
-                log=print):
+                log=print, on_row=None, on_length=None, check=None, ppl_after=None):
     """The benchmark's core loop on the attnlab side: needle and perplexity rows.
 
     Args:
@@ -241,48 +437,49 @@ def run_attnlab(config, variables, cases_by_len, windows, *, policies, budgets, 
         or None (no perplexity).
       policies: ``{name: KVPolicy or an exception (reported as the row's status)}``.
       budgets: fractions. prefix: perplexity prefix length.
+      on_row(row) / on_length(rows so far): called after each row / context length (the
+        caller writes partial results). check: ``(name, budget)``: compare that row's tokens
+        at the first context length with ``generate_batch`` (the result goes to
+        ``on_length``'s ``checks``). ppl_after: the context length after which the
+        perplexity rows run (default: after the first).
 
-    Returns rows (dicts); a policy that fails gets ``status="error: ..."`` rows, the run
-    goes on.
+    Returns ``(rows, checks)``; a policy that fails gets ``status="error: ..."`` rows, the
+    run goes on.
     """
-    rows = []
-    methods = [("full", None, 1.0)] + [(n, p, b) for n, p in policies.items() for b in budgets]
-    for L, cases in cases_by_len.items():
-        max_new = max(len(c.answer_ids) for c in cases) + 1
-        for name, pol, b in methods:
-            row = dict(framework="attnlab", task="needle", method=name, budget=b, context_len=L,
-                       cases=len(cases))
-            t = time.perf_counter()
+    rows, checks = [], []
+    lens = list(cases_by_len)
+    ppl_after = lens[0] if ppl_after is None and lens else ppl_after
+    ppl_done = windows is None
+
+    def ppl():
+        rows.extend(ppl_rows(config, variables, windows, policies=policies, budgets=budgets, prefix=prefix,
+                             log=log, on_row=on_row))
+
+    for L in lens:
+        r, shared = needle_rows(config, variables, L, cases_by_len[L], policies=policies, budgets=budgets,
+                                log=log, on_row=on_row)
+        rows.extend(r)
+        if check is not None and not checks:
+            name, b = check
             try:
-                if isinstance(pol, Exception):
-                    raise pol
-                r = attnlab_needle(config, variables, [list(c.prompt_ids) for c in cases],
-                                   policy=pol, budget=b, max_new=max_new)
-                r["correct"] = [bool(c.score(g)) for c, g in zip(cases, r["generated"])]
-                r["accuracy"] = float(np.mean(r["correct"]))
-                row.update(r, status="ok")
-            except Exception as e:  # noqa: BLE001 -- reported in the table, the run goes on
-                row.update(status=f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
-            row["wall_s"] = time.perf_counter() - t
-            rows.append(row)
-            log(_one_line(row))
-    if windows is not None:
-        for name, pol, b in methods:
-            row = dict(framework="attnlab", task="ppl", method=name, budget=b, context_len=prefix,
-                       windows=int(len(windows)), cont=int(np.shape(windows)[1] - prefix))
-            t = time.perf_counter()
-            try:
-                if isinstance(pol, Exception):
-                    raise pol
-                r = attnlab_ppl(config, variables, windows, policy=pol, budget=b, prefix=prefix)
-                r["ppl"] = math.exp(r["nll_sum"] / r["count"])
-                row.update(r, status="ok")
+                checks.append(check_generate_batch(config, variables, shared, r, name=name,
+                                                   policy=policies.get(name), budget=b))
             except Exception as e:  # noqa: BLE001
-                row.update(status=f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
-            row["wall_s"] = time.perf_counter() - t
-            rows.append(row)
-            log(_one_line(row))
-    return rows
+                checks.append(dict(policy=name, budget=b, status=_err(e)))
+            log(f"check vs generate_batch: {checks[-1]}")
+        del shared
+        if on_length:
+            on_length(rows, checks)
+        if not ppl_done and L == ppl_after:
+            ppl()
+            ppl_done = True
+            if on_length:
+                on_length(rows, checks)
+    if not ppl_done:
+        ppl()
+        if on_length:
+            on_length(rows, checks)
+    return rows, checks
 
 
 def _one_line(r) -> str:
@@ -299,6 +496,8 @@ def _one_line(r) -> str:
         bits.append(f"{r['decode_tok_s']:.1f}tok/s")
     if r.get("prefill_s") is not None:
         bits.append(f"prefill={r['prefill_s']:.1f}s")
+    if r.get("build_s") is not None:
+        bits.append(f"build={r['build_s']:.2f}s")
     return " ".join(bits + [f"({r['wall_s']:.0f}s)"])
 
 
@@ -509,6 +708,7 @@ def tables(rows, context_lens, budgets) -> list[str]:
     for r in rows:
         if key(r) not in methods:
             methods.append(key(r))
+    methods.sort(key=lambda m: m[0] != "attnlab")  # attnlab first, each side in row order
     cols = [(L_, b) for L_ in context_lens for b in [1.0] + list(budgets)]
 
     def cell(fw, m, task, ctx, b, fn):
@@ -534,11 +734,12 @@ def tables(rows, context_lens, budgets) -> list[str]:
                  if (m == "full") == (b == 1.0) else "" for c, b in cols]
         if any(cells):
             L.append(f"| {fw} | {m} | " + " | ".join(cells) + " |")
-    L.append("\n### Decode tokens/s (whole batch) and prefill s\n")
+    L.append("\n### Decode tokens/s (whole batch) / prefill s (full, kvpress rows) or cache build s from the shared prefill (`b…s`, attnlab policies)\n")
     L += [head, "|---|---|" + "---:|" * len(cols)]
     for fw, m in methods:
         cells = [cell(fw, m, "needle", c, b,
-                      lambda r: f"{r['decode_tok_s']:.1f} / {r['prefill_s']:.0f}s" if r.get("decode_tok_s") else "–")
+                      lambda r: (f"{r['decode_tok_s']:.1f} / " + (f"{r['prefill_s']:.0f}s" if r.get("prefill_s") is not None
+                                  else f"b{r['build_s']:.1f}s")) if r.get("decode_tok_s") else "–")
                  if (m == "full") == (b == 1.0) else "" for c, b in cols]
         if any(cells):
             L.append(f"| {fw} | {m} | " + " | ".join(cells) + " |")
@@ -577,6 +778,8 @@ def plot(rows, path, context_lens, budgets):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(context_lens), figsize=(4.2 * len(context_lens), 3.6), squeeze=False)
+    names = sorted({r["method"] for r in rows if r["method"] != "full"})
+    color = {m: plt.cm.tab20(i % 20) for i, m in enumerate(names)}  # one colour per method, every panel
     for ax, L in zip(axes[0], context_lens):
         full = {r["framework"]: r["accuracy"] for r in rows if r["task"] == "needle" and r["method"] == "full"
                 and r["context_len"] == L and r["status"] == "ok"}
@@ -586,7 +789,8 @@ def plot(rows, path, context_lens, budgets):
                 pts = sorted((r["budget"], r["accuracy"]) for r in rows if r["framework"] == fw and r["method"] == m
                              and r["task"] == "needle" and r["context_len"] == L and r["status"] == "ok")
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=f"{fw} {m}")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", color=color[m],
+                            label=f"{fw} {m}")
             if fw in full:
                 ax.axhline(full[fw], color="k" if fw == "attnlab" else "gray", ls=ls, lw=0.8,
                            label=f"{fw} full cache")
@@ -597,7 +801,10 @@ def plot(rows, path, context_lens, budgets):
         ax.set_title(f"needle, {L} tokens")
         ax.set_xlabel("KV budget (fraction of prompt kept)")
     axes[0][0].set_ylabel("exact match")
-    axes[0][-1].legend(fontsize=6, loc="best")
+    filled = sorted((ax for ax in axes[0] if ax.get_legend_handles_labels()[0]),
+                    key=lambda ax: -len(ax.get_legend_handles_labels()[0]))
+    if filled:  # the legend goes on the panel with the most lines
+        filled[0].legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -624,6 +831,10 @@ def build_parser():
     p.add_argument("--kvpress-parallel", action="store_true",
                    help="run the kvpress worker at the same time as attnlab (less wall time; the "
                         "two contend for the cores, so their timings are not comparable)")
+    p.add_argument("--check", default="snapkv:0.25", metavar="POLICY:BUDGET",
+                   help="at the first context length, compare this row's tokens with "
+                        "models.generate.generate_batch(kv_policy=, kv_budget=) (its own prefill; "
+                        "%(default)s; '' to skip)")
     p.add_argument("--ppl-windows", type=int, default=None, help="perplexity windows (0: skip)")
     p.add_argument("--ppl-prefix", type=int, default=512)
     p.add_argument("--ppl-cont", type=int, default=128)
@@ -631,6 +842,10 @@ def build_parser():
     p.add_argument("--out-dir", default=None)
     p.add_argument("--stem", default=None, help="result file stem (default kv-policies-<device>-<date>)")
     p.add_argument("--plot", default=None, help="accuracy plot path (default <out-dir>/kv_policies_accuracy.png)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no run: merge the rows of these result files (where two have the same "
+                        "framework/task/method/budget/context, the first ok row wins) into "
+                        "<out-dir>/<stem>.{md,json} and the plot; settings and env from the first")
     p.add_argument("--kvpress-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -639,6 +854,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.kvpress_worker:
         return kvpress_worker(*args.kvpress_worker)
+    if args.merge:
+        return merge(args.merge, args)
     preset = PRESETS["quick" if args.quick else "full"]
     context_lens = args.context_lens or preset["context_lens"]
     budgets_ = args.budgets or preset["budgets"]
@@ -694,9 +911,9 @@ def main(argv=None) -> int:
                                 for c in cs] for L, cs in cases_by_len.items()})
     rows = []
 
-    def save(final=False):
-        write(out_dir, stem, env, meta, rows, context_lens, budgets_, plot_path if final else None,
-              partial=not final)
+    def save(final=False, plot_too=False):
+        write(out_dir, stem, env, meta, rows, context_lens, budgets_,
+              plot_path if (final or plot_too) else None, partial=not final)
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     handle = None
@@ -706,22 +923,76 @@ def main(argv=None) -> int:
                                       presses=presses, budgets=budgets_, prefix=args.ppl_prefix)
         if args.kvpress_parallel:
             handle = start()
-    rows += run_attnlab(cfg, variables, cases_by_len, windows, policies=policies, budgets=budgets_,
-                        prefix=args.ppl_prefix, log=log)
-    save()
-    if args.kvpress_python and not args.kvpress_rows:
-        kv_env, kv_rows = finish_kvpress(handle or start(), cases_by_len, log=log)
-    elif args.kvpress_rows:
+    if args.kvpress_rows:  # an earlier worker's rows: in the partial files from the start
         kv_env, kv_rows = load_kvpress_rows(args.kvpress_rows, cases_by_len, log=log)
         env["kvpress_env"] = kv_env
         rows += kv_rows
-    else:
+    check = None
+    if args.check:
+        cn, _, cb = args.check.partition(":")
+        check = (cn, float(cb or budgets_[0]))
+    base = len(rows)
+
+    def on_row(row):  # partial results after every row (no plot)
+        rows.append(row)
+        save()
+
+    def on_length(done, checks):  # ... and the plot after every context length
+        env["generate_batch_check"] = checks
+        save(plot_too=True)
+
+    _, checks = run_attnlab(cfg, variables, cases_by_len, windows, policies=policies, budgets=budgets_,
+                            prefix=args.ppl_prefix, log=log, on_row=on_row, on_length=on_length, check=check)
+    env["generate_batch_check"] = checks
+    env["attnlab_wall_s"] = round(time.perf_counter() - t_all, 1)
+    assert len(rows) >= base
+    save(plot_too=True)
+    if args.kvpress_python and not args.kvpress_rows:
+        kv_env, kv_rows = finish_kvpress(handle or start(), cases_by_len, log=log)
+        env["kvpress_env"] = kv_env
+        rows += kv_rows
+    elif not args.kvpress_rows:
         env["kvpress_env"] = {"skipped": "no --kvpress-python"}
     env["kvpress_parallel"] = bool(args.kvpress_parallel)
     env["wall_s"] = round(time.perf_counter() - t_all, 1)
     save(final=True)
     print("\n".join(tables(rows, context_lens, budgets_)))
     return 0
+
+
+def merge(paths, args) -> int:
+    """``--merge``: several runs' result files as one (each run's command kept in
+    ``env["merged_from"]``)."""
+    from benchmarks import report
+
+    docs = [json.load(open(p)) for p in paths]
+    env, meta = dict(docs[0]["env"]), dict(docs[0]["settings"])
+    rows, where = [], {}
+    for d in docs:
+        for r in d["rows"]:
+            k = (r["framework"], r["task"], r["method"], round(r["budget"], 9), r["context_len"])
+            if k not in where:
+                where[k] = len(rows)
+                rows.append(r)
+            elif rows[where[k]]["status"] != "ok" and r["status"] == "ok":  # a measured row beats an error
+                rows[where[k]] = r
+    lens = sorted({int(L) for d in docs for L in d["settings"]["context_lens"]})
+    meta["context_lens"] = lens
+    meta["policies"] = list(dict.fromkeys(n for d in docs for n in d["settings"]["policies"]))
+    meta["policy_knobs"] = {k: v for d in docs[::-1] for k, v in d["settings"]["policy_knobs"].items()}
+    meta["cases"] = {k: v for d in docs[::-1] for k, v in d["settings"]["cases"].items()}
+    env["merged_from"] = [dict(file=p, command=d["env"].get("command"), date_utc=d["env"].get("date_utc"),
+                               partial=d.get("partial")) for p, d in zip(paths, docs)]
+    env["generate_batch_check"] = [c for d in docs for c in d["env"].get("generate_batch_check") or []]
+    env["command"] = env.get("command", "") + " + merged (--merge)"
+    out_dir = args.out_dir or report.DEFAULT_DIR
+    plot_path = args.plot or os.path.join(out_dir, "kv_policies_accuracy.png")
+    write(out_dir, args.stem or "kv-policies-merged", env, meta, rows, lens, meta["budgets"], plot_path,
+          partial=False)  # each source's own partial flag is in env["merged_from"]
+    return 0
+
+
+NOTES_MARKER = "## What was run, and how to read it"
 
 
 def write(out_dir, stem, env, meta, rows, context_lens, budgets, plot_path=None, partial=False):
@@ -732,7 +1003,11 @@ def write(out_dir, stem, env, meta, rows, context_lens, budgets, plot_path=None,
               open(os.path.join(out_dir, stem + ".json"), "w"), indent=1)
     kv = env.get("kvpress_env", {})
     L = [f"# KV-cache policies on SmolLM2-135M: attnlab vs kvpress ({env['device']})", "",
-         f"Measured {env['date_utc']} by `{env['command']}`" + (" (partial: still running)" if partial else "") + ".",
+         (f"Measured {env['date_utc']} by `{env['command']}`" if not env.get("merged_from") else
+          "Merged (`--merge`) from: " + "; ".join(
+              f"`{m['command']}` ({m['date_utc']}" + (", stopped before its end" if m.get("partial") else "") + ")"
+              for m in env["merged_from"]))
+         + (" (partial: still running)" if partial else "") + ".",
          f"Device: {env['device_kind']}, {env['cpu_count']} cores (shared with other jobs while it ran: "
          "timings are noisy, read ratios within a row).",
          f"Versions: jax {env['jax']}, flax {env['flax']}, python {env['python']}; kvpress side: "
@@ -741,9 +1016,23 @@ def write(out_dir, stem, env, meta, rows, context_lens, budgets, plot_path=None,
          f"{meta['needles']} cases per context length in one batch, `qa` format, needle i at depth "
          f"(i + 0.5)/n, greedy, exact match by `NeedleCase.score`. Budgets {meta['budgets']} "
          f"(kvpress compression_ratio = 1 − budget); whole prompt compressed in both.", ""]
+    checks = env.get("generate_batch_check")
+    if checks:
+        L.append("Check in this run: " + "; ".join(
+            f"`{c['policy']}` at {c['budget']:g}, {c.get('context_len', '?')} tokens: one-prefill tokens "
+            + ("==" if c.get("equal") else "!=") + " `generate_batch(kv_policy=, kv_budget=)`'s"
+            if c.get("status") == "ok" else f"`{c['policy']}` at {c['budget']:g}: {c['status']}"
+            for c in checks) + ".")
+        L.append("")
     L += tables(rows, context_lens, budgets)
     L += ["", "kvpress presses not run: " + "; ".join(f"**{k}**: {v}" for k, v in meta["kvpress_unavailable"].items()) + "."]
-    open(os.path.join(out_dir, stem + ".md"), "w").write("\n".join(L) + "\n")
+    md = os.path.join(out_dir, stem + ".md")
+    notes = ""
+    if os.path.exists(md):  # hand-written notes below NOTES_MARKER survive a regeneration
+        old = open(md).read()
+        if NOTES_MARKER in old:
+            notes = old[old.index(NOTES_MARKER):]
+    open(md, "w").write("\n".join(L) + "\n" + ("\n" + notes if notes else ""))
     if plot_path:
         plot(rows, plot_path, context_lens, budgets)
 
