@@ -25,11 +25,8 @@ scans blocks of ``block`` query rows (``lax.scan``) and sums per block, so the p
 Keyformer (``keyformer.py``).
 
 Example:
-  >>> import jax, jax.numpy as jnp
-  >>> from attn.kv.policy import Observation, make_policy
-  >>> q = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
-  >>> obs = Observation(q=q, k=q[:, :, :1], v=q[:, :, :1], positions=jnp.arange(8)[None],
-  ...                   segment_ids=jnp.ones((1, 8), jnp.int32), budget_B=jnp.array([4]))
+  >>> from attn.kv.policy import example_observation, make_policy
+  >>> obs = example_observation()   # one row of 8 tokens, 2 query heads, 1 kv head, budget 4
   >>> keep = make_policy("h2o", recent=2).select(obs).keep
   >>> int(keep.sum()), keep[0, 0, -2:].tolist()          # 2 heavy hitters + 2 recent
   (4, [True, True])

@@ -31,11 +31,8 @@ Knobs: ``tau`` (1.0), ``seed`` (0), ``recent`` (None), ``recent_ratio`` (0.3), `
 (128 query rows per accumulation step, see h2o.py).
 
 Example:
-  >>> import jax, jax.numpy as jnp
-  >>> from attn.kv.policy import Observation, make_policy
-  >>> q = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
-  >>> obs = Observation(q=q, k=q[:, :, :1], v=q[:, :, :1], positions=jnp.arange(8)[None],
-  ...                   segment_ids=jnp.ones((1, 8), jnp.int32), budget_B=jnp.array([4]))
+  >>> from attn.kv.policy import example_observation, make_policy
+  >>> obs = example_observation()   # one row of 8 tokens, 2 query heads, 1 kv head, budget 4
   >>> keep = make_policy("keyformer", recent=1, seed=3).select(obs).keep
   >>> int(keep.sum()), bool(keep[0, 0, -1])
   (4, True)

@@ -138,6 +138,20 @@ def probs_of_rows(obs: Observation, rows: int) -> Array:
     return p.reshape(B, N, W, S)
 
 
+def example_observation(*, S: int = 8, N: int = 2, K: int = 1, H: int = 4, budget: int = 4,
+                        seed: int = 0) -> Observation:
+    """A one-row random ``Observation`` for examples (keys and values are the first K
+    query heads, so scores are non-trivial): ``q [1, S, N, H]``, ``budget_B = [budget]``.
+
+    Example:
+      >>> example_observation().k.shape
+      (1, 8, 1, 4)
+    """
+    q = jax.random.normal(jax.random.key(seed), (1, S, N, H))
+    return Observation(q=q, k=q[:, :, :K], v=q[:, :, :K], positions=jnp.arange(S)[None],
+                       segment_ids=jnp.ones((1, S), jnp.int32), budget_B=jnp.array([budget]))
+
+
 def group_mean(x_BN_rest, K: int) -> Array:
     """Average the G query heads of each kv group: ``[B, N, ...] -> [B, K, ...]``."""
     B, N = x_BN_rest.shape[:2]

@@ -27,11 +27,8 @@ Knobs: ``history`` (32; our default, the paper tunes it per model), ``recent`` (
 ``recent_ratio`` (0.5), ``block`` (128 query rows per accumulation step, see h2o.py).
 
 Example:
-  >>> import jax, jax.numpy as jnp
-  >>> from attn.kv.policy import Observation, make_policy
-  >>> q = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
-  >>> obs = Observation(q=q, k=q[:, :, :1], v=q[:, :, :1], positions=jnp.arange(8)[None],
-  ...                   segment_ids=jnp.ones((1, 8), jnp.int32), budget_B=jnp.array([4]))
+  >>> from attn.kv.policy import example_observation, make_policy
+  >>> obs = example_observation()   # one row of 8 tokens, 2 query heads, 1 kv head, budget 4
   >>> p = make_policy("scissorhands", history=4, recent=1)
   >>> float(p.scores(obs).max()) > 8, int(p.select(obs).keep.sum())   # recent first; 4 kept
   (True, 4)

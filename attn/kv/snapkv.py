@@ -7,11 +7,8 @@ selected token keeps its neighbours (a clustered selection). The observation win
 always kept; the rest of the budget goes to the top-voted keys.
 
 Example:
-  >>> import jax, jax.numpy as jnp
-  >>> from attn.kv.policy import Observation, make_policy
-  >>> q = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
-  >>> obs = Observation(q=q, k=q[:, :, :1], v=q[:, :, :1], positions=jnp.arange(8)[None],
-  ...                   segment_ids=jnp.ones((1, 8), jnp.int32), budget_B=jnp.array([4]))
+  >>> from attn.kv.policy import example_observation, make_policy
+  >>> obs = example_observation()   # one row of 8 tokens, 2 query heads, 1 kv head, budget 4
   >>> keep = make_policy("snapkv", window=2, kernel=1).select(obs).keep
   >>> int(keep.sum()), keep[0, 0, -2:].tolist()
   (4, [True, True])

@@ -25,11 +25,8 @@ budget (``max_keep`` is then the prompt length).
 Knobs: ``ratio`` (0.5), ``window`` (32), ``tokens`` ("none"), ``tokens_args`` ("").
 
 Example:
-  >>> import jax, jax.numpy as jnp
-  >>> from attn.kv.policy import Observation, make_policy
-  >>> q = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
-  >>> obs = Observation(q=q, k=q[:, :, :1], v=q[:, :, :1], positions=jnp.arange(8)[None],
-  ...                   segment_ids=jnp.ones((1, 8), jnp.int32), budget_B=jnp.array([4]))
+  >>> from attn.kv.policy import example_observation, make_policy
+  >>> obs = example_observation()   # one row of 8 tokens, 2 query heads, 1 kv head, budget 4
   >>> sel = make_policy("think", ratio=0.5, tokens="snapkv", tokens_args="window=2").select(obs)
   >>> sel.channels.shape, int(sel.keep.sum())            # 2 of 4 channels, 4 tokens
   ((1, 1, 2), 4)
