@@ -38,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ import numpy as np
 
 from attn.errors import UserError
 from attn.kv.policy import KVPolicy, Selection, register_policy
-from attn.kv.razor import as_tuples, plan_split, rank_state, streaming_keep
+from attn.kv.razor import as_tuples, plan_split, rank_state, read_head_table, streaming_keep
 from attn.masks import Mask
 
 Array = Any
@@ -57,14 +56,7 @@ def load_gates(source, num_layers: int, num_kv_heads: int) -> np.ndarray:
     if source is None:
         raise UserError("KV policy 'duo' needs gates=... (a tuple of tuples [L][K] or the JSON "
                         "file of python -m models.duo_train)")
-    if isinstance(source, str):
-        try:
-            with open(source) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"duo gate file {source!r}: {e}") from None
-        source = data["gates"] if isinstance(data, dict) else data
-    g = np.asarray(source, np.float64)
+    g = read_head_table(source, "duo gate", keys=("gates",))
     if g.shape != (num_layers, num_kv_heads):
         raise UserError(f"duo gates have shape {g.shape}, the model has ({num_layers}, {num_kv_heads}) "
                         "(layers, kv heads)")

@@ -89,6 +89,21 @@ def kv_head_scores(scores_LN, num_kv_heads: int, reduce: str = "max") -> np.ndar
     return g.max(-1) if reduce == "max" else g.mean(-1)
 
 
+def read_head_table(source, what: str, *, keys: tuple[str, ...]) -> np.ndarray:
+    """float64 array from a tuple of tuples, or a JSON file holding a list or a dict with
+    the list under the first of ``keys`` it has; an unreadable file is a one-line error."""
+    if isinstance(source, str):
+        try:
+            with open(source) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{what} file {source!r}: {e}") from None
+        if isinstance(data, dict):
+            data = next((data[k] for k in keys if k in data), None)
+        source = data
+    return np.asarray(source, np.float64)
+
+
 def load_scores(source, num_layers: int, num_kv_heads: int) -> np.ndarray:
     """Per-(layer, kv head) scores ``[L, K]`` from a tuple of tuples or a JSON file.
 
@@ -99,14 +114,7 @@ def load_scores(source, num_layers: int, num_kv_heads: int) -> np.ndarray:
     if source is None:
         raise UserError("this KV policy needs per-head scores (knob scores=...: a tuple of "
                         "tuples [L][K] or a JSON score file)")
-    if isinstance(source, str):
-        try:
-            with open(source) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"head score file {source!r}: {e}") from None
-        source = data.get("scores", data.get("score")) if isinstance(data, dict) else data
-    s = np.asarray(source, np.float64)
+    s = read_head_table(source, "head score", keys=("scores", "score"))
     if s.ndim != 2 or s.shape[0] != num_layers:
         raise UserError(f"head scores have shape {s.shape}, the model has {num_layers} layers "
                         f"× {num_kv_heads} kv heads")
