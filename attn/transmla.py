@@ -13,8 +13,14 @@ the RoPE into MLA's decoupled key and compress the rest (the paper's method sect
    positional energy is concentrated in the first rotated heads. The first ``r`` rotated
    heads become MLA's decoupled RoPE key (``Hr = r·R``, applied per block,
    ``mla.Config.rope_heads = r``); the remaining ``K - r`` rotated heads **lose their
-   rotation** and join the NoPE (latent) part. (The paper's FreqFold, which pools
-   neighbouring frequencies into one PCA, is not implemented.)
+   rotation** and join the NoPE (latent) part.
+   **FreqFold** (``freq_fold = f > 1``): neighbouring RoPE frequencies turn at nearly the
+   same speed, so f of them are pooled into one PCA over ``K·f`` (head, frequency)
+   channels; the top ``r·f`` channels keep RoPE, each rotating at one frequency of its
+   group. Mixing frequencies does not commute with RoPE, so this is an approximation
+   even with ``r = K``; it keeps more key energy in the RoPE part than ``f = 1`` for
+   the same ``Hr`` (the PCA over the larger space), which is what pays at
+   ``rope_heads=1``.
 2. **BKV-PCA** (balanced key-value PCA). The NoPE key content (rotated heads
    ``r..K-1`` and the non-rotated dims of partial RoPE) and the values are concatenated,
    the key part is scaled so both parts have the same mean energy (otherwise the PCA
@@ -79,7 +85,8 @@ Array = Any
 
 # --------------------------------------------------------------------------- one layer
 def convert_gqa_to_mla(gqa_params, gqa_config: mha.Config, *, kv_lora_rank: int,
-                       rope_heads: int = 1, calib_x_BTD=None, balance_kv: bool = True):
+                       rope_heads: int = 1, calib_x_BTD=None, balance_kv: bool = True,
+                       freq_fold: int = 1):
     """Convert one ``attn.mha`` layer's parameters into ``attn.mla`` parameters.
 
     Args:
@@ -91,6 +98,8 @@ def convert_gqa_to_mla(gqa_params, gqa_config: mha.Config, *, kv_lora_rank: int,
         1 is the paper (approximate for K > 1); K keeps RoPE exactly.
       calib_x_BTD: optional ``[..., D]`` inputs of this attention layer for the PCAs.
       balance_kv: scale the key part to the value part's energy before the joint PCA.
+      freq_fold: f, FreqFold: one PCA per group of f adjacent frequencies (1 = plain
+        RoRoPE; must divide R/2). Exact only at f = 1 (see the module docstring).
 
     Returns:
       ``(mla_params, mla.Config)``; parameters in ``gqa_config.param_dtype``.
@@ -105,7 +114,7 @@ def convert_gqa_to_mla(gqa_params, gqa_config: mha.Config, *, kv_lora_rank: int,
       ((16, 8), (16, 8), 1)
     """
     cfg = gqa_config
-    _check_convertible(cfg, kv_lora_rank, rope_heads)
+    _check_convertible(cfg, kv_lora_rank, rope_heads, freq_fold)
     p = nn.unbox(gqa_params)
     p = p.get("params", p)
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -115,24 +124,20 @@ def convert_gqa_to_mla(gqa_params, gqa_config: mha.Config, *, kv_lora_rank: int,
     sigma_DD = input_covariance(calib_x_BTD, D)
     group_N = np.arange(N) // (N // K)
 
-    # RoRoPE: rotate kv heads per frequency; U_R[d] is the K×K rotation of dim d's pair.
-    U_R = np.concatenate([rorope_rotation(Wk, sigma_DD, R)] * 2, axis=0)     # [R, K, K]
-    Wc_DKR = np.einsum("DKR,RKJ->DJR", Wk[:, :, :R], U_R)                      # rotated heads
-    Ug_RNK = U_R[:, group_N, :]                                                # U[d][g(n), j]
-    k_rope = Wc_DKR[:, :r].reshape(D, r * R)
-    q_rope = np.einsum("DNR,RNJ->DNJR", Wq[:, :, :R], Ug_RNK[:, :, :r]).reshape(D, N, r * R)
+    # RoRoPE (+ FreqFold): per group of f frequencies, rotate the (kv head, frequency)
+    # channels by their PCA; the first r·f channels keep RoPE, the rest join the latent.
+    k_rope, q_rope, Wz_rot, Bk_rot = _rorope(Wk, Wq, sigma_DD, R, r, freq_fold, group_N)
 
-    # NoPE content z = [rotated heads r.. (unrotated from here on), pass-through dims, values].
-    Wz_k = np.concatenate([Wc_DKR[:, r:].reshape(D, -1), Wk[:, :, R:].reshape(D, -1)], axis=1)
+    # NoPE content z = [rotated channels past the RoPE ones (unrotated from here on),
+    # pass-through dims of partial RoPE, values].
+    Wz_k = np.concatenate([Wz_rot, Wk[:, :, R:].reshape(D, -1)], axis=1)
     Wz_v = Wv.reshape(D, K * H)
     Zk = Wz_k.shape[1]
     Bk_ZNH = np.zeros((Zk, N, H))   # z_k -> each head's nope key
-    for j in range(K - r):
-        d = np.arange(R)
-        Bk_ZNH[j * R + d, :, d] = Ug_RNK[:, :, r + j]
+    Bk_ZNH[:Wz_rot.shape[1], :, :R] = Bk_rot
     for n in range(N):
         e = np.arange(H - R)
-        Bk_ZNH[(K - r) * R + group_N[n] * (H - R) + e, n, R + e] = 1.0
+        Bk_ZNH[Wz_rot.shape[1] + group_N[n] * (H - R) + e, n, R + e] = 1.0
     Bv_ZNH = np.zeros((K * H, N, H))
     for n in range(N):
         Bv_ZNH[group_N[n] * H + np.arange(H), n, np.arange(H)] = 1.0
@@ -165,7 +170,7 @@ def convert_gqa_to_mla(gqa_params, gqa_config: mha.Config, *, kv_lora_rank: int,
     return {k: jnp.asarray(v, cfg.param_dtype) for k, v in out.items()}, m
 
 
-def _check_convertible(cfg, kv_lora_rank, rope_heads) -> None:
+def _check_convertible(cfg, kv_lora_rank, rope_heads, freq_fold=1) -> None:
     """ValueError for bad arguments, NotImplementedError (with the reason) for unsupported layers."""
     if not isinstance(cfg, mha.Config):
         raise ValueError("convert_gqa_to_mla: gqa_config must be an attn.mha.Config, "
@@ -183,6 +188,10 @@ def _check_convertible(cfg, kv_lora_rank, rope_heads) -> None:
     if cfg.rope is None:
         raise NotImplementedError("convert_gqa_to_mla: a layer without RoPE is not supported "
                                   "(attn.mla always has a decoupled RoPE key)")
+    half = cfg.rope.rotary_dims(cfg.head_dim) // 2
+    if not (isinstance(freq_fold, int) and freq_fold >= 1 and half % freq_fold == 0):
+        raise ValueError(f"convert_gqa_to_mla: freq_fold must be a positive int dividing the "
+                         f"{half} RoPE frequencies, got {freq_fold!r}")
 
 
 def input_covariance(x, D: int) -> np.ndarray:
@@ -193,25 +202,72 @@ def input_covariance(x, D: int) -> np.ndarray:
     return X.T @ X / max(len(X), 1)
 
 
-def rorope_rotation(k_kernel_DKH, sigma_DD, R: int) -> np.ndarray:
-    """Per-frequency head rotations ``U [R/2, K, K]`` (columns: principal directions first).
+def rorope_rotation(k_kernel_DKH, sigma_DD, R: int, freq_fold: int = 1) -> np.ndarray:
+    """Per-group channel rotations ``U [R/(2f), K·f, K·f]`` (columns: principal directions first).
 
-    ``M_i[a, b] = Σ_c E[k_a[c] k_b[c]]`` over the pair ``c ∈ {i, i + R/2}`` (TransMLA
-    RoRoPE's joint "complex" PCA; RoPE keeps this 2-D inner product, so it is the same
-    before and after rotation).
+    Group ``g`` holds frequencies ``g·f .. g·f + f - 1``; its channels are the pairs of
+    every (kv head a, frequency j), indexed ``a·f + (j - g·f)``, and
+    ``M_g[(a,j), (b,l)] = Σ_c E[k_a[j + c·R/2] k_b[l + c·R/2]]`` over the pair component
+    c ∈ {0, 1} (RoRoPE's joint "complex" PCA: RoPE keeps this 2-D inner product).
+    ``f = 1`` is plain RoRoPE (``[R/2, K, K]``); ``f > 1`` is FreqFold.
 
     Example:
       >>> import numpy as np
       >>> U = rorope_rotation(np.random.default_rng(0).normal(size=(8, 3, 4)), np.eye(8), 4)
       >>> U.shape, bool(np.allclose(U[0].T @ U[0], np.eye(3)))
       ((2, 3, 3), True)
+      >>> rorope_rotation(np.random.default_rng(0).normal(size=(8, 3, 4)), np.eye(8), 4, 2).shape
+      (1, 6, 6)
     """
-    k = np.asarray(k_kernel_DKH, np.float64)[:, :, :R]
-    M = np.einsum("aKr,ab,bJr->rKJ", k, sigma_DD, k)
-    M = M[: R // 2] + M[R // 2:]
-    w, U = np.linalg.eigh(M)
-    order = np.argsort(-w, axis=-1)
-    return np.take_along_axis(U, order[:, None, :], axis=-1)
+    k = np.asarray(k_kernel_DKH, np.float64)
+    half, f = R // 2, freq_fold
+    out = []
+    for g in range(half // f):
+        M = 0.0
+        for c in (0, 1):
+            X = k[:, :, g * f + c * half: g * f + c * half + f].reshape(k.shape[0], -1)  # [D, K·f]
+            M = M + X.T @ sigma_DD @ X
+        w, U = np.linalg.eigh(M)
+        out.append(U[:, np.argsort(-w)])
+    return np.stack(out)
+
+
+def _rorope(Wk, Wq, sigma_DD, R: int, r: int, f: int, group_N):
+    """RoRoPE / FreqFold on the rotary dims: ``(k_rope [D, r·R], q_rope [D, N, r·R],
+    Wz_rot [D, (K-r)·R], Bk_rot [(K-r)·R, N, R])``.
+
+    In group g, channel ``m < r·f`` goes to RoPE block ``m // f``, frequency slot
+    ``g·f + m % f`` (so with f > 1 a channel mixing neighbouring frequencies rotates at
+    one of them: FreqFold's approximation); channels ``m >= r·f`` become latent features
+    ``z``, and ``Bk_rot`` maps them back onto each query head's rotary key dims.
+    """
+    D, K, _ = Wk.shape
+    N = Wq.shape[1]
+    half = R // 2
+    U_G = rorope_rotation(Wk, sigma_DD, R, f)                  # [G, K·f, K·f]
+    k_rope, q_rope = np.zeros((D, r * R)), np.zeros((D, N, r * R))
+    z_cols, Bk_rows = [], []
+    for g, U in enumerate(U_G):
+        for c in (0, 1):
+            cols = g * f + c * half + np.arange(f)                # this group's dims, component c
+            Y = Wk[:, :, cols].reshape(D, K * f) @ U              # [D, K·f] rotated channels
+            for m in range(r * f):
+                k_rope[:, (m // f) * R + cols[m % f]] = Y[:, m]
+            for n in range(N):
+                a = group_N[n]
+                Yq = Wq[:, n, cols] @ U[a * f:(a + 1) * f]          # query head n sees its kv head
+                for m in range(r * f):
+                    q_rope[:, n, (m // f) * R + cols[m % f]] = Yq[:, m]
+            z_cols.append(Y[:, r * f:])
+            for m in range(r * f, K * f):
+                row = np.zeros((N, R))
+                for n in range(N):
+                    a = group_N[n]
+                    row[n, cols] = U[a * f:(a + 1) * f, m]
+                Bk_rows.append(row)
+    Wz_rot = np.concatenate(z_cols, axis=1) if z_cols else np.zeros((D, 0))
+    Bk_rot = np.stack(Bk_rows) if Bk_rows else np.zeros((0, N, R))
+    return k_rope, q_rope, Wz_rot, Bk_rot
 
 
 def top_principal_directions(cov_ZZ, L: int) -> np.ndarray:

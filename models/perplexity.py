@@ -16,6 +16,10 @@ quantized: int8 / int4 / fp8 with the newest ``--page-size`` tokens exact) keys 
 values of the tokens before it — the accuracy a decoding model would get from that
 cache. A dense or paged cache gives the one-pass result up to float rounding.
 
+``--split eval`` scores only the held-out tail (the last 5% of the tokens) that
+``configs/finetune.py`` never trains on, so models tuned or healed on the text compare
+fairly with the original.
+
 The last line printed is ``tokens <n> mean_nll <nats> perplexity <exp(mean_nll)>``.
 
 Example:
@@ -30,7 +34,7 @@ Example:
 
 Command line (``attnlab perplexity`` is the same ``main``)::
 
-  python -m models.perplexity --model smollm2-135m [--max-tokens N] [--window 512] [--batch 4] \\
+  python -m models.perplexity --model smollm2-135m [--split all|eval] [--max-tokens N] [--window 512] [--batch 4] \\
       [--kv-cache dense|paged] [--kv-quant none|int8|int4|fp8] [--page-size 16] [--chunk 64]
 """
 
@@ -186,6 +190,9 @@ def build_parser(prog: str = "python -m models.perplexity") -> argparse.Argument
     p.add_argument("--model", default="smollm2-135m",
                    help="short name (smollm2-135m), a .gguf file or a Hugging Face directory")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--split", default="all", choices=["all", "eval"],
+                   help="all of the text, or only the held-out last 5%% that configs/finetune.py "
+                        "never trains on (models.conversion.common.split_tokens)")
     p.add_argument("--window", type=int, default=512, help="non-overlapping window length")
     p.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -212,7 +219,12 @@ def _main(argv: list[str], prog: str) -> int:
     from models import pretrained
 
     pre = pretrained.load(args.model, dtype=jnp.dtype(args.dtype))  # PretrainedError: a UserError
-    ids = pre.tokenizer.encode(corpus_text(), add_special_tokens=False)
+    if args.split == "eval":
+        from models.conversion.common import split_tokens
+
+        ids = split_tokens(args.model)[1].tolist()
+    else:
+        ids = pre.tokenizer.encode(corpus_text(), add_special_tokens=False)
     ids = ids[:args.max_tokens] if args.max_tokens else ids
     n, total = score_windows(pre.config, pre.params, ids, window=args.window, batch=args.batch,
                              progress=True, kv_cache=args.kv_cache, kv_quant=args.kv_quant,
@@ -221,7 +233,8 @@ def _main(argv: list[str], prog: str) -> int:
     how = ("" if args.kv_cache is None and args.kv_quant == "none" else
            f", {args.kv_cache or 'dense'} cache, kv-quant {args.kv_quant}, page {args.page_size},"
            f" chunks of {args.chunk}")
-    print(f"model {args.model}, {len(ids)} tokens of pydoc text, windows of {args.window}{how}")
+    what = "pydoc text" if args.split == "all" else "held-out pydoc text (eval split)"
+    print(f"model {args.model}, {len(ids)} tokens of {what}, windows of {args.window}{how}")
     print(f"tokens {n} mean_nll {nll:.4f} perplexity {math.exp(nll):.3f}")
     return 0
 

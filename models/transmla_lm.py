@@ -44,13 +44,13 @@ def _capture_attn_inputs(lm_config, params, tokens_BT):
 
 
 def convert_lm(params, lm_config, *, kv_lora_rank: int, rope_heads: int = 1, calib_tokens_BT=None,
-               balance_kv: bool = True):
+               balance_kv: bool = True, freq_fold: int = 1):
     """Convert every GQA/MHA/MQA layer of a ``models.transformer`` LM into MLA.
 
     Args:
       params: the LM's params tree (``{"params": ...}`` or bare, boxed or not; scanned or not).
       lm_config: its ``LMConfig``.
-      kv_lora_rank, rope_heads, balance_kv: as ``convert_gqa_to_mla``.
+      kv_lora_rank, rope_heads, balance_kv, freq_fold: as ``convert_gqa_to_mla``.
       calib_tokens_BT: optional ``[B, T]`` tokens whose per-layer attention inputs drive the PCAs.
 
     Returns:
@@ -88,7 +88,8 @@ def convert_lm(params, lm_config, *, kv_lora_rank: int, rope_heads: int = 1, cal
 
             def one(p, xs):
                 out, m = convert_gqa_to_mla(p, layer_cfg, kv_lora_rank=kv_lora_rank,
-                                            rope_heads=rope_heads, calib_x_BTD=xs, balance_kv=balance_kv)
+                                            rope_heads=rope_heads, calib_x_BTD=xs, balance_kv=balance_kv,
+                                            freq_fold=freq_fold)
                 new_cfgs.add(m)
                 return out
 

@@ -90,6 +90,36 @@ def test_paper_rorope_is_approximate_and_pca_concentrates_rope_energy():
     assert rope_energy >= 0.5 * np.sum(xk ** 2) - 1e-6
 
 
+def test_freqfold_keeps_unrotated_logits_and_more_rope_energy():
+    """FreqFold (f=2): every channel mixing is orthogonal, so with all channels kept the
+    logits without rotation (query and key at the same position) are the GQA ones
+    (float64, from the kernels); at rope_heads=1 the RoPE key keeps at least the key
+    energy of plain RoRoPE (a PCA over a larger space)."""
+    p, x = _gqa_params(AWKWARD), _x()
+    K, H, R, N = 2, 8, 4, 4
+    Z = K * H + K * (H - R)
+    mp, m = convert_gqa_to_mla(p, AWKWARD, kv_lora_rank=Z, rope_heads=K, calib_x_BTD=x, freq_fold=2)
+    f64 = lambda a: np.asarray(a, np.float64)
+    X = f64(x).reshape(-1, D)
+    Wq, Wk = f64(p["q_kernel"]), f64(p["k_kernel"])
+    ref = np.einsum("tnh,snh->nts", np.einsum("td,dnh->tnh", X, Wq),
+                    np.einsum("td,dkh->tkh", X, Wk)[:, np.arange(N) // (N // K)]) / np.sqrt(H)
+    q_nope = np.einsum("td,dnh->tnh", X, f64(mp["q_nope_kernel"]))
+    k_nope = np.einsum("tl,lnh->tnh", X @ f64(mp["kv_down_kernel"]), f64(mp["k_up_kernel"]))
+    q_rope = np.einsum("td,dnr->tnr", X, f64(mp["q_rope_kernel"]))
+    k_rope = X @ f64(mp["k_rope_kernel"])
+    got = (np.einsum("tnh,snh->nts", q_nope, k_nope) + np.einsum("tnr,sr->nts", q_rope, k_rope)
+           ) * m.softmax_scale
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+    energy = {}
+    for f in (1, 2):
+        mp1, _ = convert_gqa_to_mla(p, AWKWARD, kv_lora_rank=Z, rope_heads=1, calib_x_BTD=x, freq_fold=f)
+        energy[f] = np.sum((X @ f64(mp1["k_rope_kernel"])) ** 2)
+    assert energy[2] >= energy[1] * (1 - 1e-6), energy
+    with pytest.raises(ValueError, match="freq_fold must be a positive int dividing the 2"):
+        convert_gqa_to_mla(p, AWKWARD, kv_lora_rank=8, freq_fold=3)
+
+
 def test_bad_arguments():
     p = _gqa_params(AWKWARD)
     with pytest.raises(ValueError, match="rope_heads must be an int in \\[1, K=2\\], got 3"):

@@ -1,4 +1,4 @@
-"""The command line: ``attnlab train|generate|perplexity ...`` and ``python -m train``.
+"""The command line: ``attnlab train|generate|perplexity|export ...`` and ``python -m train``.
 
 ``attnlab`` (the console script installed with the package, ``[project.scripts]``) is
 the unambiguous way to run attnlab from any folder: a console script does not put the
@@ -62,6 +62,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train.cli:train_main", "train and evaluate a config (same flags as python -m train)"),
     "generate": Command("models.generate:main", "stream text from a pretrained model"),
     "perplexity": Command("models.perplexity:main", "perplexity of a pretrained model on the pydoc text"),
+    "export": Command("models.export:main", "export a run or a checkpoint as safetensors (hf or native)"),
 }
 
 

@@ -14,6 +14,8 @@ There is no central dispatch: a new source is one decorated class.
   mqar    Zoology's multi-query associative recall (synthetic, any vocab).
   text    bytes of Python's ``pydoc_data.topics`` (vocab 256, eval reports bits per byte).
   tokens  user token files through ``np.memmap`` (uint16 / uint32).
+  tokenized_text  the pydoc text (or a UTF-8 file) through a pretrained model's
+          tokenizer, for fine-tuning that model (``configs/finetune.py``).
 
 Example:
   >>> from train.data import DataConfig, make_source
@@ -408,6 +410,82 @@ class TokenFileSource(DataSource):
 
     def batch(self, split: str, step: int, batch_size: int) -> Batch:
         # Ids were range-checked once when the files were opened (check_token_ids).
+        return _random_windows(self.splits[split], self._rng(split, step), batch_size,
+                               self.config.seq_len)
+
+
+# --------------------------------------------------------------------------- tokenized text
+@dataclasses.dataclass(frozen=True)
+class TokenizedTextOptions:
+    """Text through a pretrained model's tokenizer (no BOS, one stream).
+
+    Attributes:
+      tokenizer: a ``models.pretrained.load`` name or path (its tokenizer is used).
+      text: "pydoc" (``pydoc_corpus_bytes``, embedded) or the path of a UTF-8 text file.
+      eval_fraction: the last fraction of the tokens held out for eval.
+    """
+
+    tokenizer: str = ""
+    text: str = "pydoc"
+    eval_fraction: float = 0.05
+
+
+@functools.lru_cache(maxsize=4)
+def tokenized_text(tokenizer: str, text: str = "pydoc") -> np.ndarray:
+    """``int32 [n]`` ids of ``text`` ("pydoc" or a file) under ``tokenizer``'s tokenizer.
+
+    The same ids ``models.perplexity`` scores (``corpus_text`` through ``encode``).
+    """
+    from models import pretrained
+
+    if not tokenizer:
+        raise ValueError("data.options.tokenizer must name the model whose tokenizer to use "
+                         "(e.g. 'smollm2-135m')")
+    tok = pretrained.load(tokenizer, config_only=True).tokenizer
+    if tok is None:
+        raise ValueError(f"data.options.tokenizer={tokenizer!r}: that checkpoint has no tokenizer")
+    if text == "pydoc":
+        body = pydoc_corpus_bytes().tobytes().decode("utf-8", errors="replace")
+    else:
+        if not os.path.isfile(text):
+            raise FileNotFoundError(f"data.options.text={text!r}: no such file (or use 'pydoc')")
+        with open(text, encoding="utf-8", errors="replace") as f:
+            body = f.read()
+    return np.asarray(tok.encode(body, add_special_tokens=False), np.int32)
+
+
+@register_source("tokenized_text")
+class TokenizedTextSource(DataSource):
+    """Random windows of a tokenized text; the last ``eval_fraction`` of the tokens is held out.
+
+    Example:
+      >>> src = make_source(DataConfig(source="tokenized_text", seq_len=32, batch_size=2,
+      ...                              options={"tokenizer": "smollm2-135m"}))  # doctest: +SKIP
+      >>> src.batch("train", 0, 2)["inputs"].shape                              # doctest: +SKIP
+      (2, 32)
+    """
+
+    Options = TokenizedTextOptions
+
+    def __init__(self, config: DataConfig):
+        super().__init__(config)
+        o = self.options
+        ids = tokenized_text(o.tokenizer, o.text)
+        cut = _split_tail(ids.size, o.eval_fraction, "tokenized_text")
+        self.splits = {"train": ids[:cut], "eval": ids[cut:]}
+        self._vocab = int(ids.max()) + 1
+        for split, arr in self.splits.items():
+            if arr.size < config.seq_len + 1:
+                raise ValueError(f"data.seq_len={config.seq_len} is too long for the tokenized "
+                                 f"{split} split ({arr.size} tokens)")
+
+    @property
+    def vocab_size(self) -> int:
+        # The largest id that occurs, + 1: the model's vocab must cover it (it usually
+        # covers the whole tokenizer; the trainer checks model.vocab_size >= this).
+        return self._vocab
+
+    def batch(self, split: str, step: int, batch_size: int) -> Batch:
         return _random_windows(self.splits[split], self._rng(split, step), batch_size,
                                self.config.seq_len)
 

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
@@ -54,6 +55,11 @@ class OptimConfig:
         first steps' momentum is small in norm, which orthogonalisation removes anyway
         except through the Nesterov mix of g and m. True reproduces optax exactly.
       muon_ns_steps: Newton-Schulz iterations (quintic 3.4445, -4.7750, 2.0315).
+      trainable: None (train every parameter) or a regular expression searched in each
+        parameter's "/"-joined path ("units/block_0/attn/q_kernel"): only matching
+        parameters are updated. The others get no gradient at all (the trainer stops it,
+        so their weight gradients are never computed), no optimizer state and no weight
+        decay. ``"attn/"`` tunes attention only; ``"attn/(k|v)_"`` the key and value maps.
     """
 
     name: str = "adamw"
@@ -71,6 +77,7 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_bias_correction: bool = False
     muon_ns_steps: int = 5
+    trainable: str | None = None
 
     def __post_init__(self):
         if self.name not in _OPTIMIZERS:
@@ -89,6 +96,13 @@ class OptimConfig:
             raise ValueError(f"optim.muon_beta must be in [0, 1), got {self.muon_beta!r}")
         if self.muon_ns_steps < 1:
             raise ValueError(f"optim.muon_ns_steps must be >= 1, got {self.muon_ns_steps!r}")
+        if self.trainable == "":
+            object.__setattr__(self, "trainable", None)  # "" from a command line = everything
+        if self.trainable is not None:
+            try:
+                re.compile(self.trainable)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"optim.trainable={self.trainable!r} is not a regular expression ({e})")
 
     @classmethod
     def from_dict(cls, d: Any) -> "OptimConfig":
@@ -184,6 +198,19 @@ def _muon_dims(params, param_axes=None):
             names_by_path[tuple(path)] = names
     return jax.tree_util.tree_map_with_path(
         lambda path, p: rule(path, p, names_by_path.get(tuple(path))), params)
+
+
+def matrix_dims(params, param_axes=None):
+    """Per parameter, the ``fan_in x fan_out`` matrix it applies (``MuonDimensionNumbers``),
+    or None for lookup tables, vectors and filters: the reading Muon orthogonalises by
+    and low-rank adapters factor (``train/peft.py``). The rule: ``_muon_dims``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> matrix_dims({"w": jnp.ones((4, 3)), "b": jnp.ones(3)})["w"].output_axis
+      1
+    """
+    return _muon_dims(params, param_axes)
 
 
 # Jordan's quintic: maximises the slope at 0, so 5 steps push every singular value of
@@ -307,9 +334,37 @@ def make_schedule(config: OptimConfig, num_steps: int) -> optax.Schedule:
     )
 
 
+def param_path(path) -> str:
+    """A key path of a parameter tree as ``"a/b/c"`` (what ``optim.trainable`` is searched in)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def trainable_mask(params, pattern: str | None):
+    """A tree of Python bools like ``params``: True where ``pattern`` is found in the path.
+
+    ``ValueError`` (naming a few paths) when the pattern matches no parameter.
+
+    Example:
+      >>> m = trainable_mask({"attn": {"q": 0, "k": 0}, "mlp": {"w": 0}}, "attn/k")
+      >>> m
+      {'attn': {'k': True, 'q': False}, 'mlp': {'w': False}}
+    """
+    if pattern is None:
+        return jax.tree.map(lambda _: True, params)
+    rx = re.compile(pattern)
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(rx.search(param_path(path))), params)
+    if not any(jax.tree.leaves(mask)):
+        paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        raise ValueError(f"optim.trainable={pattern!r} matches no parameter; paths look like "
+                         f"{paths[:3]} ({len(paths)} in all)")
+    return mask
+
+
 def make_optimizer(config: OptimConfig, num_steps: int, param_axes: Any = None,
+                   trainable: Callable[[Any], Any] | None = None,
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer for ``config`` (clipping first, then the registered update rule).
+    """The optimizer for ``config`` (clipping first, then the registered update rule;
+    with ``config.trainable``, only matching parameters get either).
 
     Args:
       config: the optim section.
@@ -317,6 +372,8 @@ def make_optimizer(config: OptimConfig, num_steps: int, param_axes: Any = None,
       param_axes: optional tree (structure of the params) of logical axis names per
         parameter, e.g. ``nn.get_partition_spec(boxed_params)``; Muon uses it to tell
         fan-in from fan-out axes.
+      trainable: optional ``params -> tree of bools`` of the parameters to update (the
+        rest get ``set_to_zero`` and no state); default ``config.trainable``'s mask.
 
     Returns:
       ``(tx, schedule)``; ``schedule(step)`` is the learning rate, for logging.
@@ -325,4 +382,9 @@ def make_optimizer(config: OptimConfig, num_steps: int, param_axes: Any = None,
     tx = _OPTIMIZERS[config.name](config, schedule, param_axes)
     if config.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if trainable is None and config.trainable is not None:
+        trainable = lambda params: trainable_mask(params, config.trainable)
+    if trainable is not None:
+        labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+        tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule

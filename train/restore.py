@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 
 from attn.errors import UserError
-from train import trainer
+from train import peft, trainer
 from train.checkpoint import Checkpointer
 
 
@@ -34,7 +34,8 @@ def restore_trained(workdir: str, config: Any = None) -> tuple[Any, Any, int]:
       variables ``model.apply`` and ``generate`` take (``{"params": ...}``, plus the
       non-gradient model state a run carries, e.g. MoE's ``moe_state`` balancing bias,
       without which an MoE model would route differently), placed on this host's
-      devices, and the step they are from.
+      devices, and the step they are from. A ``config.peft`` run's adapters come back
+      merged into their kernels (``train.peft.merge``): an ordinary model.
 
     Raises:
       attn.errors.UserError: no run_config.json or no checkpoint in ``workdir``.
@@ -63,4 +64,7 @@ def restore_trained(workdir: str, config: Any = None) -> tuple[Any, Any, int]:
     if restored is None:
         raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     state, _, step = restored
-    return exp.model, trainer.model_variables(state), int(step)
+    variables = trainer.model_variables(state)
+    # A peft run keeps {"base", adapter factors} nodes; the model takes merged kernels.
+    variables["params"] = peft.merge(variables["params"], exp.peft)
+    return exp.model, variables, int(step)

@@ -15,6 +15,10 @@ The trainer is one loop for every kind of model. ``config.task`` (default "lm") 
 * ``zigzag_refusal(model_config)``: None when the batch's ``[B, T]`` arrays may be
   reordered along T for context parallelism's causal load balancing (positions are
   carried along), else the reason why not.
+* ``pretrained_config(name_or_path, model_dict)`` / ``pretrained_params(name_or_path,
+  model_config)``: for ``model.init_from`` (None: the task cannot start from a
+  checkpoint). The first reads only the checkpoint's config and applies the run-time
+  fields ``model_dict`` may change; the second loads the parameters.
 
 Built-in tasks:
 
@@ -55,6 +59,8 @@ class Task:
     check_compatible: Callable[[Any, Any], None] = lambda model_config, source: None
     zigzag_refusal: Callable[[Any], str | None] = (
         lambda model_config: "the task's model is not a causal LM over its batch's token order")
+    pretrained_config: Callable[[str, dict], Any] | None = None
+    pretrained_params: Callable[[str, Any], Any] | None = None
 
 
 _TASKS: dict[str, Task] = {}
@@ -107,6 +113,35 @@ def _lm_zigzag_refusal(cfg) -> str | None:
     return None
 
 
+# What a run may change on top of a checkpoint's config: how the model computes, not
+# what it is (its parameters fix everything else). Other keys must equal the checkpoint's.
+PRETRAINED_RUNTIME_FIELDS = ("dtype", "remat", "impl")
+
+
+def _lm_pretrained_config(name_or_path: str, model_dict: dict):
+    import dataclasses
+
+    from models import pretrained
+    from models.pretrained.native import config_to_json
+    from models.transformer import LMConfig
+
+    base = pretrained.load(name_or_path, config_only=True).config
+    merged = LMConfig.from_dict({**config_to_json(base), **model_dict})
+    for f in dataclasses.fields(LMConfig):
+        if f.name in model_dict and f.name not in PRETRAINED_RUNTIME_FIELDS \
+                and getattr(merged, f.name) != getattr(base, f.name):
+            raise ValueError(f"model.{f.name}={model_dict[f.name]!r} differs from the checkpoint "
+                             f"model.init_from={name_or_path!r} ({getattr(base, f.name)!r}); with "
+                             f"init_from only {list(PRETRAINED_RUNTIME_FIELDS)} may change")
+    return merged
+
+
+def _lm_pretrained_params(name_or_path: str, cfg):
+    from models import pretrained
+
+    return pretrained.load(name_or_path, dtype=cfg.dtype).params
+
+
 register_task(Task(
     name="lm",
     config_from_dict=_lm_config,
@@ -117,6 +152,8 @@ register_task(Task(
     outputs=lambda out, b: (out[0], b["targets"], b["weights"]),
     check_compatible=_lm_check,
     zigzag_refusal=_lm_zigzag_refusal,
+    pretrained_config=_lm_pretrained_config,
+    pretrained_params=_lm_pretrained_params,
 ))
 
 

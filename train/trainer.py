@@ -54,9 +54,13 @@ from train.checkpoint import (CheckpointConfig, Checkpointer, NonFiniteStateErro
                               all_processes_agree, check_writable)
 from train.config_args import check_impl_names, dataclass_from_dict
 from train.data import DataConfig, DataSource, make_source
+from train.distill import build_teacher, kl_sums
 from train.distributed import DistributedConfig
 from train.metrics import ScalarWriter, moe_scalars, summarize_eval, weighted_sums
+from train import peft
 from train.optim import OptimConfig, make_optimizer
+from train.peft import PeftConfig
+from train.optim import param_path as optim_param_path
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,10 @@ class TrainConfig:
       aux_loss_weight: weight on the sum of everything layers sow into "aux_loss"
         (for example MoH load balancing); 0.01 is the usual load-balance weight.
       progress_bar: show a tqdm bar (process 0 only).
+      distill_from: None, or a checkpoint (``models.pretrained`` name or path) whose
+        next-token distributions the model learns as well (``train/distill.py``).
+      distill_weight: the KL term's share of the loss (the rest is cross-entropy).
+      distill_temperature: τ of both softmaxes in the KL term.
     """
 
     num_steps: int = 1000
@@ -110,6 +118,9 @@ class TrainConfig:
     seed: int = 0
     aux_loss_weight: float = 0.01
     progress_bar: bool = True
+    distill_from: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
 
     def __post_init__(self):
         for name in ("num_steps", "log_every", "eval_steps"):
@@ -117,6 +128,12 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.eval_every < 0:
             raise UserError(f"train.eval_every must be >= 0, got {self.eval_every!r}")
+        if self.distill_from == "":
+            object.__setattr__(self, "distill_from", None)  # "" from a command line = off
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise UserError(f"train.distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if not self.distill_temperature > 0:
+            raise UserError(f"train.distill_temperature must be > 0, got {self.distill_temperature!r}")
 
     @classmethod
     def from_dict(cls, d: Any) -> "TrainConfig":
@@ -176,6 +193,10 @@ class Experiment:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     context_parallel: cpl.ContextParallelConfig = dataclasses.field(
         default_factory=cpl.ContextParallelConfig)
+    # model.init_from: the checkpoint (a models.pretrained name or path) whose parameters
+    # a fresh run starts from; the model section is then that checkpoint's config.
+    init_from: str | None = None
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
 
 
 def _plain(x: Any) -> Any:
@@ -227,6 +248,7 @@ def _parse_config(config: Any) -> Experiment:
         "checkpoint": CheckpointConfig.from_dict,
         "distributed": DistributedConfig.from_dict,
         "context_parallel": cpl.ContextParallelConfig.from_dict,
+        "peft": PeftConfig.from_dict,
     }
     unknown = sorted(set(config) - set(sections) - set(_TOP_LEVEL_VALUES))
     if unknown:
@@ -237,13 +259,20 @@ def _parse_config(config: Any) -> Experiment:
     metric = config.get("metric")
     if metric is not None and not (isinstance(metric, str) and metric):
         raise UserError(f"config metric={metric!r}: expected an eval metric name such as 'accuracy'")
+    model_dict = dict(_plain(config["model"]))
+    init_from = model_dict.pop("init_from", None) or None
+    if init_from is not None:
+        if task.pretrained_config is None:
+            raise UserError(f"model.init_from: config.task={task.name!r} cannot start from a checkpoint")
+        # The checkpoint's own config, with the run-time fields the section changes.
+        sections["model"] = lambda d: task.pretrained_config(str(init_from), d)
     parsed = {}
     for name, build in sections.items():
         try:
-            parsed[name] = build(_plain(config.get(name, {})))
+            parsed[name] = build(model_dict if name == "model" else _plain(config.get(name, {})))
         except TypeError as e:  # a required key missing (e.g. model.vocab_size)
             raise UserError(f"config section {name}: {_one_line(e)}") from e
-    exp = Experiment(task=task.name, metric=metric, **parsed)
+    exp = Experiment(task=task.name, metric=metric, init_from=init_from, **parsed)
     # Attention impl names are checked with the config, so that a typo fails in one
     # line before anything compiles rather than at trace time inside the first step.
     for section in ("model", "context_parallel"):
@@ -302,15 +331,24 @@ class _Compiled:
     batch_sharding: NamedSharding
     abstract_state: Any
     init: Callable
+    # (rng, params) -> a fresh state around given parameters (model.init_from).
+    init_with_params: Callable
+    # (state, batch[, teacher params]) -> (state, metrics)
     train_step: Callable
     eval_step: Callable
     # Host-side batch preparation: the zigzag reorder under context parallelism.
     prepare: Callable[[dict], dict] = lambda batch: batch
+    teacher: Any = None  # train.distill.Teacher when train.distill_from is set
+    # The model's own parameters (no peft adapters): what model.init_from must match.
+    model_abstract_params: Any = None
+    model_param_shardings: Any = None
+    trainable: Any = None  # Python-bool tree like the state's params
 
 
 def _compile_key(exp: Experiment) -> str:
     # repr() of frozen dataclasses: stable and covers every field that enters a trace.
     return repr((exp.task, exp.model, exp.optim, exp.train.num_steps, exp.train.aux_loss_weight,
+                 exp.train.distill_from, exp.train.distill_weight, exp.train.distill_temperature,
                  exp.mesh, exp.context_parallel, exp.data.seq_len, exp.data.batch_size, exp.data.eval_batch_size,
                  tuple(jax.devices())))
 
@@ -353,19 +391,39 @@ def _build_compiled(exp: Experiment) -> _Compiled:
         boxed_vars = jax.eval_shape(init_variables, jax.random.key(0))
     boxed = boxed_vars["params"]
     carried = tuple(k for k in STATE_COLLECTIONS if k in boxed_vars)  # () without MoE
+    param_axes = nn.get_partition_spec(boxed)
+    # config.peft: targeted kernels become {"base", adapter factors} nodes in the state,
+    # merged back into plain kernels before every apply (train/peft.py).
+    attach = (lambda p, rng: p) if exp.peft.method is None else (
+        lambda p, rng: peft.attach(p, exp.peft, rng, param_axes))
+    merge = functools.partial(peft.merge, cfg=exp.peft)
+    try:
+        state_params = jax.eval_shape(attach, nn.meta.unbox(boxed), jax.random.key(0))
+        # optim.trainable / peft: frozen parameters are cut out of the gradient
+        # (stop_gradient), so XLA never computes their weight gradients; the optimizer
+        # leaves them as they are (no state, no decay).
+        trainable = peft.trainable_mask(state_params, exp.peft, exp.optim.trainable)
+    except ValueError as e:
+        raise UserError(_one_line(e)) from e
+    frozen_any = not all(jax.tree.leaves(trainable))
+    freeze = (lambda p: p) if not frozen_any else (
+        lambda p: jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable))
     # Logical names per parameter: the optimizer may use them (Muon's fan-in axes).
-    tx, schedule = make_optimizer(exp.optim, exp.train.num_steps, nn.get_partition_spec(boxed))
+    tx, schedule = make_optimizer(exp.optim, exp.train.num_steps, param_axes,
+                                  trainable=(lambda p: trainable) if frozen_any else None)
 
-    def init_state(rng):
+    def init_state(rng, params=None):
         v = nn.meta.unbox(init_variables(rng))
-        params = v["params"]
+        params = attach(v["params"] if params is None else params, jax.random.fold_in(rng, 1))
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
         state.update({k: v[k] for k in carried})
         return state
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-    param_shardings = shd.logical_shardings(boxed, mesh, rules)
+    model_param_shardings = shd.logical_shardings(boxed, mesh, rules)
+    param_shardings = (model_param_shardings if exp.peft.method is None else
+                       peft.shardings(model_param_shardings, state_params, replicated))
     state_shardings = {
         "step": replicated,
         "params": param_shardings,
@@ -377,17 +435,27 @@ def _build_compiled(exp: Experiment) -> _Compiled:
     variable_shardings = model_variables(state_shardings)
     aux_weight = exp.train.aux_loss_weight
     routed, prepare = _context_parallel(exp, task, mesh)
+    teacher = build_teacher(exp, task, mesh, rules)
+    kd_weight = exp.train.distill_weight if teacher is not None else 0.0
 
-    def train_step(state, batch):
+    def train_step(state, batch, teacher_params=None):
         model_state = {k: state[k] for k in carried}
+        if teacher is not None:
+            with routed():
+                teacher_BTV = teacher.logits(teacher_params, batch)
 
         def loss_fn(params):
             with routed():
                 logits_BTV, targets_BT, weights_BT, aux, new_vars = _forward(
-                    task, model, {"params": params, **model_state}, batch, train=True)
+                    task, model, {"params": merge(freeze(params)), **model_state}, batch, train=True)
             sums = weighted_sums(logits_BTV, targets_BT, weights_BT)
             ce = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
-            return ce + aux_weight * aux, (ce, aux, sums, new_vars)
+            if teacher is None:
+                return ce + aux_weight * aux, (ce, aux, sums, new_vars)
+            kl = kl_sums(logits_BTV, teacher_BTV, weights_BT, exp.train.distill_temperature)["kl_sum"]
+            sums = {**sums, "kl": kl / jnp.maximum(sums["weight_sum"], 1.0)}
+            loss = kd_weight * sums["kl"] + (1 - kd_weight) * ce + aux_weight * aux
+            return loss, (ce, aux, sums, new_vars)
 
         (loss, (ce, aux, sums, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -399,6 +467,7 @@ def _build_compiled(exp: Experiment) -> _Compiled:
             "accuracy": sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
+            **({"kl": sums["kl"]} if teacher is not None else {}),
             **moe_scalars(new_vars.get("moe_stats", {})),
         }
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
@@ -407,6 +476,7 @@ def _build_compiled(exp: Experiment) -> _Compiled:
         return new_state, metrics
 
     def eval_step(variables, batch):
+        variables = {**variables, "params": merge(variables["params"])}
         with routed():
             logits_BTV, targets_BT, weights_BT, _, _ = _forward(task, model, variables, batch, train=False)
         return weighted_sums(logits_BTV, targets_BT, weights_BT)
@@ -420,13 +490,23 @@ def _build_compiled(exp: Experiment) -> _Compiled:
         abstract_state=jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings),
         init=jax.jit(init_state, out_shardings=state_shardings),
+        init_with_params=jax.jit(init_state, in_shardings=(None, model_param_shardings),
+                                 out_shardings=state_shardings, donate_argnums=1),
         # Batches arrive already placed by put_batch, whose spec follows each array's
         # rank (labels [B], images [B, H, W, C]); None keeps those placements.
-        train_step=jax.jit(train_step, in_shardings=(state_shardings, None),
+        # With a teacher its parameters are a third argument (placed once, never donated).
+        train_step=jax.jit(train_step, in_shardings=(state_shardings, None) + (
+                               () if teacher is None else (teacher.shardings,)),
                            out_shardings=(state_shardings, replicated), donate_argnums=0),
         eval_step=jax.jit(eval_step, in_shardings=(variable_shardings, None),
                           out_shardings=replicated),
         prepare=prepare,
+        teacher=teacher,
+        model_abstract_params=jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            nn.meta.unbox(boxed), model_param_shardings),
+        model_param_shardings=model_param_shardings,
+        trainable=trainable,
     )
 
 
@@ -540,6 +620,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         with jax.set_mesh(c.mesh), nn.logical_axis_rules(c.rules):
             state, start = _init_or_restore(c, ckpt, exp)
             bar = _progress(exp, start)
+            if exp.init_from is not None or exp.optim.trainable is not None or exp.peft.method:
+                _say(bar, _parameter_summary(state["params"], c.trainable, exp))
             with _StopOnSignal() as stop:
                 state, last = _train_loop(c, exp, source, state, start, ckpt, writer, bar, stop)
             # Per-layer moe/<name>/<layer> scalars go to tensorboard only.
@@ -561,6 +643,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 def _init_or_restore(c: _Compiled, ckpt: Checkpointer, exp: Experiment):
     """A freshly initialised sharded state, or the newest good checkpoint's; and its step."""
     restored = ckpt.restore_latest(c.abstract_state)
+    if restored is None and exp.init_from is not None:
+        params = _pretrained_params(c, exp)
+        return c.init_with_params(jax.random.key(exp.train.seed), params), 0
     if restored is None:
         state = c.init(jax.random.key(exp.train.seed))
         return state, 0
@@ -572,6 +657,40 @@ def _init_or_restore(c: _Compiled, ckpt: Checkpointer, exp: Experiment):
     step = int(data_state["step"])
     log.info("resumed from %s at step %d", ckpt.directory, step)
     return state, step
+
+
+def _parameter_summary(params, mask, exp: Experiment) -> str:
+    """One line: where the parameters come from and how many are trained."""
+    sizes = [int(x.size) for x in jax.tree.leaves(params)]
+    n = sum(s for s, t in zip(sizes, jax.tree.leaves(mask)) if t)
+    start = f"from {exp.init_from}" if exp.init_from else "from scratch"
+    how = [f"optim.trainable={exp.optim.trainable!r}"] if exp.optim.trainable else []
+    how += [f"peft {exp.peft.method} rank {exp.peft.rank} on {exp.peft.targets!r}"] if exp.peft.method else []
+    return f"parameters {start}: training {n:,} of {sum(sizes):,}" + (f" ({'; '.join(how)})" if how else "")
+
+
+def _pretrained_params(c: _Compiled, exp: Experiment):
+    """``model.init_from``'s parameters, checked against the model's and placed as the state's."""
+    params = tasks.get(exp.task).pretrained_params(exp.init_from, exp.model)
+    return checked_params(params, c.model_abstract_params, c.model_param_shardings,
+                          f"model.init_from={exp.init_from!r}")
+
+
+def checked_params(params, want, shardings, what: str):
+    """``params`` cast to ``want``'s dtypes and placed by ``shardings``; ``UserError`` naming
+    the first parameter that is missing, extra or of another shape."""
+    got_paths = {optim_param_path(p): a for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, w in jax.tree_util.tree_flatten_with_path(want)[0]:
+        key = optim_param_path(path)
+        if key not in got_paths:
+            raise UserError(f"{what} has no parameter {key}")
+        if tuple(got_paths[key].shape) != tuple(w.shape):
+            raise UserError(f"{what}: {key} has shape {tuple(got_paths[key].shape)}, "
+                            f"the model needs {tuple(w.shape)}")
+    if len(got_paths) != len(jax.tree.leaves(want)):
+        raise UserError(f"{what} has parameters the model does not")
+    params = jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype), params, want)
+    return jax.device_put(params, shardings)
 
 
 class _StopOnSignal:
@@ -618,13 +737,15 @@ class _StopOnSignal:
 def _train_loop(c, exp, source, state, start, ckpt, writer, bar, stop: _StopOnSignal):
     """Steps ``start..num_steps``; returns (state, last logged train metrics)."""
     tcfg, B, T = exp.train, exp.data.batch_size, exp.data.seq_len
+    # Loaded here, once, and never saved: the run's checkpoints hold only the student.
+    teacher_args = () if c.teacher is None else (c.teacher.load(tasks.get(exp.task)),)
     pending: list[tuple[int, dict]] = []  # device metrics not yet pulled to the host
     last: dict[str, float] = {}
     t_last, steps_since = time.time(), 0
 
     for step in range(start, tcfg.num_steps):
         batch = shd.put_batch(c.prepare(source.batch("train", step, B)), c.batch_sharding)
-        state, metrics = c.train_step(state, batch)
+        state, metrics = c.train_step(state, batch, *teacher_args)
         done = step + 1  # updates applied so far
         pending.append((done, metrics))
         steps_since += 1

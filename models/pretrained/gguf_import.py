@@ -98,8 +98,8 @@ def hf_config_from_gguf(fields: dict, path: str) -> dict:
     return c
 
 
-def load_gguf(path: str, *, dtype=jnp.float32):
-    """``(LMConfig, params, metadata, tokenizer)`` from a GGUF file."""
+def load_gguf(path: str, *, dtype=jnp.float32, config_only: bool = False):
+    """``(LMConfig, params, metadata, tokenizer)`` from a GGUF file (params None if ``config_only``)."""
     import gguf
 
     from models.pretrained.tokenizer import Tokenizer
@@ -118,6 +118,14 @@ def load_gguf(path: str, *, dtype=jnp.float32):
     if c["model_type"] == "qwen3" or c["model_type"] == "llama":
         c["attention_bias"] = "blk.0.attn_q.bias" in names
     cfg, meta = hf.lm_config_from_hf(c, source=path, dtype=dtype)
+    tokenizer = Tokenizer.from_gguf_fields(fields, path)
+    meta.update({k: v for k, v in fields.items() if k.startswith("general.")
+                 and isinstance(v, (str, int, float))})
+    meta.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_ids[0] if tokenizer.eos_ids else None,
+                pad_token_id=tokenizer.pad_id,
+                quantization=sorted({t.tensor_type.name for t in reader.tensors}))
+    if config_only:
+        return cfg, None, meta, tokenizer
     permute = GGUF_ARCHS[fields["general.architecture"]][1]
     a = cfg.layer_configs[0]
     sd = {}
@@ -140,10 +148,4 @@ def load_gguf(path: str, *, dtype=jnp.float32):
             w = interleaved_to_half(w, a.num_kv_heads, a.head_dim)
         sd[hf_name] = w
     params = hf.params_from_state_dict(sd, cfg, source=path, o_bias=meta["o_bias"])
-    tokenizer = Tokenizer.from_gguf_fields(fields, path)
-    meta.update({k: v for k, v in fields.items() if k.startswith("general.")
-                 and isinstance(v, (str, int, float))})
-    meta.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_ids[0] if tokenizer.eos_ids else None,
-                pad_token_id=tokenizer.pad_id,
-                quantization=sorted({t.tensor_type.name for t in reader.tensors}))
     return cfg, params, meta, tokenizer

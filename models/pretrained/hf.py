@@ -193,7 +193,8 @@ def hf_config_from_lm(cfg: LMConfig, metadata: dict | None = None) -> dict:
     """A config.json dict for ``cfg`` (the family from ``metadata['model_type']`` or inferred)."""
     metadata = metadata or {}
     if cfg.pattern != ("gqa",) and cfg.pattern != ("mha",):
-        raise PretrainedError(f"export: attn={cfg.attn!r} has no Hugging Face equivalent (needs gqa/mha)")
+        raise PretrainedError(f"export: attn={cfg.attn!r} has no Hugging Face equivalent (needs gqa/mha); "
+                              "export with format='native' (attnlab's own directory) instead")
     a = cfg.layer_configs[0]
     if a.sinks or a.softcap is not None or (a.rope is not None and a.rope.fraction != 1.0):
         raise PretrainedError("export: sinks, softcap and partial RoPE have no equivalent in the "
@@ -327,8 +328,9 @@ def state_dict_from_params(params: dict, cfg: LMConfig, *, o_bias: bool | None =
 
 
 # --------------------------------------------------------------------------- directories
-def load_dir(path: str, *, dtype=jnp.float32):
-    """``(LMConfig, params, metadata)`` from a directory with config.json and *.safetensors."""
+def load_dir(path: str, *, dtype=jnp.float32, config_only: bool = False):
+    """``(LMConfig, params, metadata)`` from a directory with config.json and *.safetensors
+    (params None if ``config_only``)."""
     from safetensors.flax import load_file  # numpy has no bfloat16; jax arrays do
 
     cfg_path = os.path.join(path, "config.json")
@@ -344,6 +346,8 @@ def load_dir(path: str, *, dtype=jnp.float32):
         raise PretrainedError(f"{cfg_path}: quantized safetensors checkpoints are not supported "
                               f"(quantization_config={c['quantization_config'].get('quant_method')!r})")
     cfg, meta = lm_config_from_hf(c, source=cfg_path, dtype=dtype)
+    if config_only:
+        return cfg, None, meta
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise PretrainedError(f"{path}: no *.safetensors files (pytorch .bin checkpoints are not read)")
