@@ -136,10 +136,11 @@ def main(argv=None) -> int:
                                           start_cfg=pre.config, start_params=pre.params, window=args.window)
         rows.append({"method": m, "steps": args.steps, **row})
         print(rows[-1], flush=True)
-    png = os.path.join(args.out_dir, stem + ".png")
-    plot(curves, None, f"Fine-tuning {args.model} on the pydoc text ({args.batch} x {args.seq_len} tokens/step)",
-         "steps", png)
-    write_report(args, stem, f"Fine-tuning methods on {args.model}", rows, curves, png)
+        # Written after every method: a long run stopped early keeps what it measured.
+        png = os.path.join(args.out_dir, stem + ".png")
+        plot(curves, None, f"Fine-tuning {args.model} on the pydoc text ({args.batch} x {args.seq_len} "
+             "tokens/step)", "steps", png)
+        write_report(args, stem, f"Fine-tuning methods on {args.model}", rows, curves, png)
     return 0
 
 

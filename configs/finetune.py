@@ -33,8 +33,10 @@ Arguments after ``:`` (comma separated key=value):
   remat      none | full | dots      activation checkpointing
   seed       int                     data seed
 
-Every default lives in this file. On 2 CPU cores SmolLM2-135M takes about 7 s per step
-of 4 x 256 tokens.
+Every default lives in this file. On 2 shared CPU cores SmolLM2-135M takes about 10 s
+per step of 4 x 256 tokens (10.5 s measured, docs/conversion.md). A resumed run, and
+``restore_trained`` / ``attnlab export`` of it, read the config of ``init`` again: keep
+that checkpoint where it was.
 """
 
 from ml_collections import ConfigDict

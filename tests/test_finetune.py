@@ -212,6 +212,12 @@ def test_peft_trains_only_adapters_and_restores_merged(tmp_path, method):
     config = _config(str(tmp_path / "ckpt"), steps=2, lr=1e-2)
     config["peft"] = {"method": method, "rank": 2, "targets": r"attn/(q|v)_kernel$"}
     train_and_evaluate(config, str(tmp_path / "run"))
+    # The trained state has this method's factors (a compiled run of another method,
+    # cached in the same process, must not be reused).
+    from train.trainer import _compiled_for, parse_config
+
+    state_keys = set(_flat(_compiled_for(parse_config(config)).abstract_state["params"]))
+    assert any(k.endswith("seq_a") for k in state_keys) == (method == "hydra")
     got_cfg, variables, _ = restore_trained(str(tmp_path / "run"))
     want, got = _flat(params), _flat(variables["params"])
     assert got_cfg == cfg and want.keys() == got.keys()          # merged: the plain layout

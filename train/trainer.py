@@ -7,10 +7,15 @@ What one call does, in order:
   3. create the train state already sharded (``jit(init, out_shardings=...)``): step,
      params, opt_state and, for models that have it, the non-gradient model state
      (``STATE_COLLECTIONS``: the MoE balance bias, replicated, updated by each train
-     step, read by eval, checkpointed and digested with the rest); or
-     restore the newest checkpoint in ``workdir/checkpoints`` that passes its checksum
-     (``train/checkpoint.py``; damaged steps are moved aside, named in one line);
-  4. loop: batch = source(seed, step) -> jitted, donated train step; metrics are pulled
+     step, read by eval, checkpointed and digested with the rest); or start from the
+     parameters of ``model.init_from`` (a pretrained or converted checkpoint; the model
+     section is then its config); ``config.peft`` adapters (``train/peft.py``) are attached
+     here; or restore the newest checkpoint in ``workdir/checkpoints`` that passes its
+     checksum (``train/checkpoint.py``; damaged steps are moved aside, named in one line);
+  4. loop: batch = source(seed, step) -> jitted, donated train step (with
+     ``train.distill_from``, the frozen teacher's logits enter the loss,
+     ``train/distill.py``; with ``optim.trainable`` / peft, frozen parameters get no
+     gradient); metrics are pulled
      to the host every ``log_every`` steps (and before every save), checked for
      non-finite values, written to tensorboard (MoE load statistics as ``moe/*``) and
      the progress bar; a save refuses a
@@ -54,13 +59,13 @@ from train.checkpoint import (CheckpointConfig, Checkpointer, NonFiniteStateErro
                               all_processes_agree, check_writable)
 from train.config_args import check_impl_names, dataclass_from_dict
 from train.data import DataConfig, DataSource, make_source
+from train import peft
 from train.distill import build_teacher, kl_sums
 from train.distributed import DistributedConfig
 from train.metrics import ScalarWriter, moe_scalars, summarize_eval, weighted_sums
-from train import peft
 from train.optim import OptimConfig, make_optimizer
-from train.peft import PeftConfig
 from train.optim import param_path as optim_param_path
+from train.peft import PeftConfig
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +353,7 @@ class _Compiled:
 def _compile_key(exp: Experiment) -> str:
     # repr() of frozen dataclasses: stable and covers every field that enters a trace.
     return repr((exp.task, exp.model, exp.optim, exp.train.num_steps, exp.train.aux_loss_weight,
-                 exp.train.distill_from, exp.train.distill_weight, exp.train.distill_temperature,
+                 exp.train.distill_from, exp.train.distill_weight, exp.train.distill_temperature, exp.peft,
                  exp.mesh, exp.context_parallel, exp.data.seq_len, exp.data.batch_size, exp.data.eval_batch_size,
                  tuple(jax.devices())))
 
