@@ -156,8 +156,8 @@ def test_update_that_writes_inf_on_a_save_step_is_not_saved(tmp_path, monkeypatc
     """Loss and grad norm of step 6 are finite (computed before its update); the update is not."""
     make = trainer.make_optimizer
 
-    def poisoned(*args):
-        tx, schedule = make(*args)
+    def poisoned(*args, **kwargs):
+        tx, schedule = make(*args, **kwargs)
 
         def update(g, s, p=None):
             u, inner = tx.update(g, s[0], p)

@@ -194,7 +194,7 @@ def test_bad_data_file_is_a_user_error(tmp_path, capsys):
 
 
 def test_subcommands_are_a_table_and_report_user_errors(capsys):
-    assert set(cli.COMMANDS) == {"train", "generate", "perplexity"}
+    assert set(cli.COMMANDS) == {"train", "generate", "perplexity", "export"}
     for cmd in cli.COMMANDS.values():
         assert callable(cmd.load())
     assert cli.main(["--help"]) == 0
