@@ -225,7 +225,7 @@ def parse_config(config: Any) -> Experiment:
       >>> parse_config({"model": {}, "bogus": {}})
       Traceback (most recent call last):
       ...
-      attn.errors.UserError: unknown config section 'bogus'; known sections: ['checkpoint', 'context_parallel', 'data', 'distributed', 'mesh', 'model', 'optim', 'train'] (and values ['metric', 'task'])
+      attn.errors.UserError: unknown config section 'bogus'; known sections: ['checkpoint', 'context_parallel', 'data', 'distributed', 'mesh', 'model', 'optim', 'peft', 'train'] (and values ['metric', 'task'])
     """
     try:
         return _parse_config(config)
