@@ -318,6 +318,18 @@ def _err(e) -> str:
     return f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
+def _method_cache(config, obs, lens_B, policy, budget, max_new, shared_err, full_bytes_):
+    """``(cache, build seconds, held bytes)`` of one (policy, budget) row from the shared
+    prefill; re-raises the shared prefill's error or the policy's construction error (the
+    row reports it)."""
+    if shared_err is not None:
+        raise shared_err
+    if isinstance(policy, Exception):
+        raise policy
+    cache, build_s = build_cache(config, obs, lens_B, policy=policy, budget=budget, max_new=max_new)
+    return cache, build_s, full_bytes_ if policy is None else held_bytes(cache)
+
+
 def _methods(policies, budgets_):
     return [("full", None, 1.0)] + [(n, p, b) for n, p in policies.items() for b in budgets_]
 
@@ -348,12 +360,7 @@ def needle_rows(config, variables, L, cases, *, policies, budgets, log=print, on
                    cases=len(cases))
         t = time.perf_counter()
         try:
-            if shared_err is not None:
-                raise shared_err
-            if isinstance(pol, Exception):
-                raise pol
-            cache, build_s = build_cache(config, obs, lens, policy=pol, budget=b, max_new=max_new)
-            held = fb if pol is None else held_bytes(cache)
+            cache, build_s, held = _method_cache(config, obs, lens, pol, b, max_new, shared_err, fb)
             gen, tok_s = greedy_decode(config, variables, logits, pos, cache, max_new=max_new)
             correct = [bool(c.score(g)) for c, g in zip(cases, gen)]
             row.update(generated=gen, correct=correct, accuracy=float(np.mean(correct)), held_bytes=held,
@@ -392,12 +399,7 @@ def ppl_rows(config, variables, windows, *, policies, budgets, prefix: int, log=
                    windows=int(B), cont=int(cont))
         t = time.perf_counter()
         try:
-            if shared_err is not None:
-                raise shared_err
-            if isinstance(pol, Exception):
-                raise pol
-            cache, build_s = build_cache(config, obs, mask.sum(axis=1), policy=pol, budget=b, max_new=cont)
-            held = fb if pol is None else held_bytes(cache)
+            cache, build_s, held = _method_cache(config, obs, mask.sum(axis=1), pol, b, cont, shared_err, fb)
             s, n = continuation_nll(config, variables, logits, windows, cache, prefix=prefix)
             row.update(nll_sum=s, count=n, ppl=math.exp(s / n), held_bytes=held, full_bytes=fb,
                        build_s=build_s, shared_prefill_s=prefill_s, status="ok")

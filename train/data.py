@@ -454,6 +454,18 @@ def tokenized_text(tokenizer: str, text: str = "pydoc") -> np.ndarray:
     return np.asarray(tok.encode(body, add_special_tokens=False), np.int32)
 
 
+def tokenized_text_splits(tokenizer: str, text: str = "pydoc",
+                          eval_fraction: float = TokenizedTextOptions.eval_fraction):
+    """``(train ids, eval ids)`` of ``tokenized_text``: the last ``eval_fraction`` held out.
+
+    The split ``data.source="tokenized_text"`` trains and evaluates on, so a model tuned
+    on it can be scored on text it never saw (``models.conversion.common``).
+    """
+    ids = tokenized_text(tokenizer, text)
+    cut = _split_tail(ids.size, eval_fraction, "tokenized_text")
+    return ids[:cut], ids[cut:]
+
+
 @register_source("tokenized_text")
 class TokenizedTextSource(DataSource):
     """Random windows of a tokenized text; the last ``eval_fraction`` of the tokens is held out.
@@ -470,10 +482,9 @@ class TokenizedTextSource(DataSource):
     def __init__(self, config: DataConfig):
         super().__init__(config)
         o = self.options
-        ids = tokenized_text(o.tokenizer, o.text)
-        cut = _split_tail(ids.size, o.eval_fraction, "tokenized_text")
-        self.splits = {"train": ids[:cut], "eval": ids[cut:]}
-        self._vocab = int(ids.max()) + 1
+        train, eval_ = tokenized_text_splits(o.tokenizer, o.text, o.eval_fraction)
+        self.splits = {"train": train, "eval": eval_}
+        self._vocab = int(max(train.max(initial=0), eval_.max(initial=0))) + 1
         for split, arr in self.splits.items():
             if arr.size < config.seq_len + 1:
                 raise ValueError(f"data.seq_len={config.seq_len} is too long for the tokenized "

@@ -2,7 +2,7 @@
 
 **Held-out perplexity.** The tokens are ``train.data.tokenized_text`` (the pydoc text
 through the model's tokenizer, as ``configs/finetune.py`` trains on); the last
-``EVAL_FRACTION`` of them is the eval split the fine-tuning run holds out, so a model
+5% of them (``train.data.tokenized_text_splits``) is the eval split the fine-tuning run holds out, so a model
 healed on the train split is measured on text it has not seen. It is scored in
 non-overlapping windows (``models.perplexity.score_windows``). Calibration tokens for
 the conversions' PCAs come from the start of the train split.
@@ -27,16 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EVAL_FRACTION = 0.05
-
-
 def split_tokens(tokenizer: str, text: str = "pydoc") -> tuple[np.ndarray, np.ndarray]:
     """``(train ids, eval ids)``: the split ``configs/finetune.py``'s data source makes."""
-    from train.data import _split_tail, tokenized_text
+    from train.data import tokenized_text_splits
 
-    ids = tokenized_text(tokenizer, text)
-    cut = _split_tail(ids.size, EVAL_FRACTION, "tokenized_text")
-    return ids[:cut], ids[cut:]
+    return tokenized_text_splits(tokenizer, text)
 
 
 def eval_perplexity(cfg, params, eval_ids, *, window: int = 256, batch: int = 4,
