@@ -340,8 +340,8 @@ def _check_call(cfg: Config, x_BTD, positions_BT, segment_ids_BT, cache) -> None
             )
 
 
-def project_qkv(params, x_BTD, positions_BT, config: Config):
-    """Projections, qk-norm and RoPE: ``q [B,T,N,H]``, ``k [B,T,K,H]``, ``v [B,T,K,E]``."""
+def project_unrotated(params, x_BTD, config: Config):
+    """Projections (and biases, qk-norm) before RoPE: ``q [B,T,N,H]``, ``k [B,T,K,H]``, ``v [B,T,K,E]``."""
     cfg, dt = config, config.dtype
     x = x_BTD.astype(dt)
     q = jnp.einsum("BTD,DNH->BTNH", x, params["q_kernel"].astype(dt))
@@ -352,6 +352,13 @@ def project_qkv(params, x_BTD, positions_BT, config: Config):
     if cfg.qk_norm:
         q = rms_norm(q, params["q_norm"], cfg.norm_eps)
         k = rms_norm(k, params["k_norm"], cfg.norm_eps)
+    return q, k, v
+
+
+def project_qkv(params, x_BTD, positions_BT, config: Config):
+    """Projections, qk-norm and RoPE: ``q [B,T,N,H]``, ``k [B,T,K,H]``, ``v [B,T,K,E]``."""
+    cfg = config
+    q, k, v = project_unrotated(params, x_BTD, cfg)
     if cfg.rope is not None:
         q, k = cfg.rope.apply(q, positions_BT), cfg.rope.apply(k, positions_BT)
     return q, k, v
@@ -404,7 +411,7 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
         sinks = params["sinks"].astype(jnp.float32) if cfg.sinks else None
         o, cache = cache.attend(q, k, v, positions_BT, seg, window=cfg.mask_window,
                                 softcap=cfg.softcap, sinks=sinks, impl=cfg.impl)
-        return _project_out(params, o, cfg), cache
+        return project_out(params, o, cfg), cache
     else:
         seg = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT
         # The cache decides what we attend over (full buffer, or ring ++ new tokens);
@@ -418,10 +425,11 @@ def mha_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
     sinks = params["sinks"].astype(jnp.float32) if cfg.sinks else None
     o = attention(q, k, v, mask=mask, softcap=cfg.softcap, sinks=sinks, impl=cfg.impl,
                   self_attention=cache is None)  # with a cache, k/v are the cache's slots
-    return _project_out(params, o, cfg), cache
+    return project_out(params, o, cfg), cache
 
 
-def _project_out(params, o_BTNE, cfg: Config):
+def project_out(params, o_BTNE, cfg: Config):
+    """``o [B,T,N,E] -> [B,T,D]`` through ``o_kernel`` (and ``o_bias``)."""
     y = jnp.einsum("BTNE,NED->BTD", o_BTNE, params["o_kernel"].astype(cfg.dtype))
     if cfg.use_bias:
         y = y + params["o_bias"].astype(cfg.dtype)

@@ -28,7 +28,8 @@ Extensions, both off by default so the layer is the paper's MLA:
   dims, each rotated with the same frequencies (TransMLA's multi-head RoPE key,
   ``attn/transmla.py``), which lets a converted GQA layer keep its RoPE exactly.
 * ``kv_norm=False`` drops the RMSNorm on ``c_kv`` (DeepSeek-V2 §3.1.2 adds it; a
-  converted GQA layer must be linear in x to be exact).
+  converted GQA layer must be linear in x to be exact); ``q_norm=False`` likewise drops
+  the one on the query latent (X-EcoMLA's SVD-initialised layers have neither).
 
 With YaRN scaling, ``apply_rope`` multiplies the rotated q and k by the attention factor
 ``m``; ``q_nope`` is multiplied by ``m²`` so every logit term is tempered alike, as
@@ -37,7 +38,7 @@ DeepSeek-V3 does by scaling the whole softmax scale by ``m²``.
 Parameters (logical axes)::
 
     q_nope_kernel [D|Lq, N, Hn], q_rope_kernel [D|Lq, N, Hr]   (embed|latent, heads, head_dim)
-    q_down_kernel [D, Lq], q_norm [Lq]                          (q_lora_rank set)
+    q_down_kernel [D, Lq], q_norm [Lq]                          (q_lora_rank set; q_norm)
     kv_down_kernel [D, L] (embed, latent)   kv_norm [L] (latent)   k_rope_kernel [D, Hr]
     k_up_kernel [L, N, Hn], v_up_kernel [L, N, E]  (latent, heads, head_dim)
     o_kernel [N, E, D]  (heads, head_dim, embed)
@@ -106,6 +107,7 @@ class Config:
       rope: ``RopeConfig`` (or dict) applied to the Hr dims only, or None.
       rope_heads: RoPE key blocks r (``Hr % r == 0``); 1 is the paper, see module doc.
       kv_norm: RMSNorm on ``c_kv`` (paper: True).
+      q_norm: RMSNorm on the query latent when ``q_lora_rank`` is set (paper: True).
       causal: hide later positions (a cache needs causal=True).
       window: left reach W of a causal sliding window, or None.
       softcap: ``c · tanh(logits / c)`` when set.
@@ -130,6 +132,7 @@ class Config:
     rope: RopeConfig | None = RopeConfig()
     rope_heads: int = 1
     kv_norm: bool = True
+    q_norm: bool = True
     causal: bool = True
     window: int | None = None
     softcap: float | None = None
@@ -279,7 +282,8 @@ def make_params(module: nn.Module, cfg: Config) -> dict[str, Array]:
         # §2.1.2 eq. (12): the query is also compressed, to cut training activations.
         q_in, q_axis = cfg.q_lora_rank, LATENT
         p["q_down_kernel"] = param("q_down_kernel", _fan_in(0, 1), (D, q_in), (EMBED, LATENT))
-        p["q_norm"] = param("q_norm", ones, (q_in,), (LATENT,))
+        if cfg.q_norm:
+            p["q_norm"] = param("q_norm", ones, (q_in,), (LATENT,))
     p["q_nope_kernel"] = param("q_nope_kernel", _fan_in(0, (1, 2)), (q_in, N, Hn), (q_axis, HEADS, HEAD_DIM))
     p["q_rope_kernel"] = param("q_rope_kernel", _fan_in(0, (1, 2)), (q_in, N, Hr), (q_axis, HEADS, HEAD_DIM))
     p["kv_down_kernel"] = param("kv_down_kernel", _fan_in(0, 1), (D, L), (EMBED, LATENT))
@@ -299,7 +303,7 @@ def param_count(config: Config) -> int:
     D, N, L = c.d_model, c.num_heads, c.kv_lora_rank
     Hn, Hr, E = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     q_in = D if c.q_lora_rank is None else c.q_lora_rank
-    n = q_in * N * (Hn + Hr) + (0 if c.q_lora_rank is None else D * q_in + q_in)
+    n = q_in * N * (Hn + Hr) + (0 if c.q_lora_rank is None else D * q_in + (q_in if c.q_norm else 0))
     n += D * L + (L if c.kv_norm else 0) + D * Hr + L * N * (Hn + E) + N * E * D
     return n
 
@@ -371,7 +375,8 @@ def project_queries(params, x_BTD, positions_BT, config: Config):
     eq = "BTD,DNH->BTNH"
     if cfg.q_lora_rank is not None:
         h = jnp.einsum("BTD,DL->BTL", h, params["q_down_kernel"].astype(dt))
-        h = rms_norm(h, params["q_norm"], cfg.norm_eps)
+        if cfg.q_norm:
+            h = rms_norm(h, params["q_norm"], cfg.norm_eps)
         eq = "BTL,LNH->BTNH"
     q_nope = jnp.einsum(eq, h, params["q_nope_kernel"].astype(dt))
     q_rope = apply_block_rope(jnp.einsum(eq, h, params["q_rope_kernel"].astype(dt)), positions_BT, cfg)

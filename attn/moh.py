@@ -15,6 +15,17 @@ weights that sum per token and lets each token use only some heads (§3.2)::
 routed weights are renormalised over the top-k and multiplied by k, the shared ones by
 h_s and α by 2, so a uniform router gives every active head weight 1, as in MHA.
 
+``router="query_norm"`` is the parameter-free router of the released MoH-LLaMA3-8B
+(continue-tuned from a pretrained LLaMA3, §4.4; ``MoH-LLaMA3/Inference_code``): a routed
+head's logit is the L2 norm of its query, ``|q_i(x_t)|``, divided by the standard
+deviation of those norms over the routed heads (unbiased, as ``torch.std``); softmax,
+top-k, and the gates are binary: 1 for the shared heads and the chosen routed heads, 0
+otherwise. It has no parameters, so a pretrained model converts to it exactly up to the
+heads it drops (``models/conversion/moh.py``), and continued training adapts the
+projections to the routing. (The norm is taken after RoPE, which is a rotation and does
+not change it.) Its load-balance value is reported but carries no gradient (the
+released code has no balance loss for it).
+
 Load balance (§3.2, Eq. 6), over the non-padding tokens of the batch, on the routed
 heads: ``L_b = Σ_i f_i P_i`` with ``f_i`` the fraction of tokens whose top-k holds head
 i and ``P_i`` the mean router probability of head i. The layer sows it as
@@ -44,7 +55,7 @@ ring buffer with a window), exactly as MHA; the saving is in compute, not memory
 Parameters: those of ``attn.mha`` (``q_kernel [D,N,H]``, ``k_kernel, v_kernel [D,K,H]``,
 ``o_kernel [N,E,D]``, optional biases and qk-norm) plus
 ``router_kernel [D, N-h_s]`` (W_r), ``shared_router_kernel [D, h_s]`` (W_s, when h_s > 1)
-and ``mix_router_kernel [D, 2]`` (W_h, when h_s > 0).
+and ``mix_router_kernel [D, 2]`` (W_h, when h_s > 0); none with ``router="query_norm"``.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -81,6 +92,7 @@ Array = Any
 log = logging.getLogger(__name__)
 
 GATE_SCALINGS = ("paper", "official")
+ROUTERS = ("learned", "query_norm")
 HEAD_SELECTIONS = ("auto", "dense", "gather")
 _AUTO_LOGGED: set[str] = set()
 
@@ -99,6 +111,8 @@ class Config(mha.Config):
         (None = max(1, (N - h_s) // 2)).
       gate_scaling: "paper" (§3.2 equations) or "official" (released code's rescaling).
       head_selection: "auto", "dense" or "gather" (see the module docstring).
+      router: "learned" (§3.2's W_r, W_s, W_h) or "query_norm" (MoH-LLaMA3's
+        parameter-free router with binary gates; ``gate_scaling`` is then unused).
 
     Example:
       >>> c = Config(d_model=64, num_heads=8)
@@ -110,6 +124,7 @@ class Config(mha.Config):
     top_k: int | None = None
     gate_scaling: str = "paper"
     head_selection: str = "auto"
+    router: str = "learned"
 
     def __post_init__(self):
         super().__post_init__()
@@ -132,6 +147,8 @@ class Config(mha.Config):
                              "cannot carry per-head sinks through the gather path)")
         if self.gate_scaling not in GATE_SCALINGS:
             raise ValueError(f"Config.gate_scaling must be one of {GATE_SCALINGS}, got {self.gate_scaling!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"Config.router must be one of {ROUTERS}, got {self.router!r}")
         if self.head_selection not in HEAD_SELECTIONS:
             raise ValueError(
                 f"Config.head_selection must be one of {HEAD_SELECTIONS}, got {self.head_selection!r}")
@@ -177,6 +194,8 @@ class MoH(nn.Module):
 def make_params(module: nn.Module, cfg: Config) -> dict[str, Array]:
     """The MHA parameters plus the routers; returns a plain dict."""
     p = mha.make_params(module, cfg)
+    if cfg.router == "query_norm":
+        return p
     D, hs, R = cfg.d_model, cfg.num_shared_heads, cfg.num_routed_heads
     # Routers are tiny and read by every token: replicated over heads (only D is sharded).
     init = nn.initializers.lecun_normal()
@@ -208,6 +227,8 @@ def param_count(config: Config) -> int:
     """Parameters of one layer (matches ``make_params``)."""
     hs = config.num_shared_heads
     router = config.num_routed_heads + (hs if hs > 1 else 0) + (2 if hs > 0 else 0)
+    if config.router == "query_norm":
+        router = 0
     return mha.param_count(config) + config.d_model * router
 
 
@@ -252,14 +273,16 @@ class Routing(NamedTuple):
     chosen_BTN: Array   # [B, T, R] 1 where the routed head is in the token's top-k
 
 
-def route(params, x_BTD, config: Config) -> Routing:
+def route(params, x_BTD, config: Config, q_BTNH=None) -> Routing:
     """The two-stage routing of §3.2: α from a 2-way softmax, softmax within each group.
 
     Args:
       params: dict with ``router_kernel [D, R]`` and, as the config needs them,
-        ``shared_router_kernel [D, h_s]``, ``mix_router_kernel [D, 2]``.
+        ``shared_router_kernel [D, h_s]``, ``mix_router_kernel [D, 2]`` (none for
+        ``router="query_norm"``).
       x_BTD: ``[B, T, D]`` the layer input.
       config: the ``Config``.
+      q_BTNH: ``[B, T, N, H]`` the queries; required by ``router="query_norm"`` only.
 
     Returns:
       a ``Routing``. Ties in the top-k go to the lower head index (``lax.top_k``).
@@ -274,6 +297,8 @@ def route(params, x_BTD, config: Config) -> Routing:
       ([[[0, 1]]], [0.5, 0.366, 0.0])
     """
     cfg = config
+    if cfg.router == "query_norm":
+        return _route_query_norm(q_BTNH, cfg)
     hs, k = cfg.num_shared_heads, cfg.top_k
     x = x_BTD.astype(jnp.float32)
     logits = lambda name: jnp.einsum("BTD,DN->BTN", x, params[name].astype(jnp.float32))
@@ -297,6 +322,34 @@ def route(params, x_BTD, config: Config) -> Routing:
     shared_idx = jnp.broadcast_to(jnp.arange(hs, dtype=jnp.int32), (B, T, hs))
     heads = jnp.concatenate([shared_idx, hs + top_BTN.astype(jnp.int32)], axis=-1)
     return Routing(gates, heads, probs, chosen)
+
+
+def _route_query_norm(q_BTNH, cfg: Config) -> Routing:
+    """MoH-LLaMA3's router: softmax of routed query norms / their std, top-k, binary gates.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> cfg = Config(d_model=4, num_heads=4, head_dim=1, num_shared_heads=1, top_k=1,
+      ...              router="query_norm", rope=None)
+      >>> r = route({}, None, cfg, q_BTNH=jnp.array([[[[9.0], [1.0], [-3.0], [2.0]]]]))
+      >>> r.heads_BTN.tolist(), r.gates_BTN.tolist()
+      ([[[0, 2]]], [[[1.0, 0.0, 1.0, 0.0]]])
+    """
+    if q_BTNH is None:
+        raise ValueError("MoH: router='query_norm' routes on the queries; pass q_BTNH")
+    hs, k, R = cfg.num_shared_heads, cfg.top_k, cfg.num_routed_heads
+    norms = jnp.linalg.norm(q_BTNH[:, :, hs:].astype(jnp.float32), axis=-1)       # [B, T, R]
+    std = jnp.std(norms, axis=-1, keepdims=True, ddof=1) if R > 1 else jnp.ones_like(norms)
+    # Equal norms (std 0) would divide by zero; any logits then rank the same.
+    probs = jax.nn.softmax(norms / jnp.maximum(std, jnp.finfo(jnp.float32).tiny), axis=-1)
+    _, top_BTN = jax.lax.top_k(probs, k)
+    chosen = jnp.sum(jax.nn.one_hot(top_BTN, R, dtype=jnp.float32), axis=-2)
+    B, T = norms.shape[:2]
+    gates = jnp.concatenate([jnp.ones((B, T, hs), jnp.float32), chosen], axis=-1)
+    shared_idx = jnp.broadcast_to(jnp.arange(hs, dtype=jnp.int32), (B, T, hs))
+    heads = jnp.concatenate([shared_idx, hs + top_BTN.astype(jnp.int32)], axis=-1)
+    # Parameter-free: the balance value is a statistic, not a training signal.
+    return Routing(gates, heads, jax.lax.stop_gradient(probs), chosen)
 
 
 def load_balance_loss(routing: Routing, segment_ids_BT=None) -> Array:
@@ -434,8 +487,8 @@ def moh_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
     pos = positions_BT
     if pos is None:
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    routing = route(params, x_BTD, cfg)
     q, k, v = mha.project_qkv(params, x_BTD, pos, cfg)
+    routing = route(params, x_BTD, cfg, q_BTNH=q)
     if cache is None:
         kv_pos, q_seg, kv_seg = positions_BT, segment_ids_BT, segment_ids_BT
     else:
@@ -462,10 +515,7 @@ def moh_forward(params: Mapping[str, Array], x_BTD, *, config: Config, positions
         o = attention(q, k, v, mask=mask, softcap=cfg.softcap, impl=cfg.impl,
                       self_attention=cache is None)
         o = o * routing.gates_BTN[..., None].astype(o.dtype)  # §3.2: weighted sum over heads
-    y = jnp.einsum("BTNE,NED->BTD", o, params["o_kernel"].astype(cfg.dtype))
-    if cfg.use_bias:
-        y = y + params["o_bias"].astype(cfg.dtype)
-    return y, cache, load_balance_loss(routing, segment_ids_BT)
+    return mha.project_out(params, o, cfg), cache, load_balance_loss(routing, segment_ids_BT)
 
 
 # --------------------------------------------------------------------------- registration

@@ -1,14 +1,18 @@
-"""Full fine-tuning vs LoRA vs Hydra on SmolLM2, same steps and tokens (docs/conversion.md).
+"""Full fine-tuning vs LoRA vs Hydra vs LoFiT on SmolLM2, same steps and tokens (docs/conversion.md).
 
 The task built from embedded data: adapt SmolLM2-135M-Instruct to the pydoc text (its
 train split, through ``configs/finetune.py``); scored by held-out perplexity on the eval
 split it never trains on (``models.conversion.common.eval_perplexity``), before and
 after. Every method gets the same ``--steps`` x ``--batch`` x ``--seq-len`` tokens; the
-learning rate is each method's usual one (``--lr-full``, ``--lr-adapter``). Also
-reported: trainable parameters, wall time, the healing curve of the trainer's eval.
+learning rate is each method's usual one (``--lr-full``, ``--lr-adapter``, ``--lr-lofit``).
+Also reported: trainable parameters, wall time, the healing curve of the trainer's eval.
 
-  python -m benchmarks.finetune [--methods full,lora,hydra] [--steps 100] [--rank 8]
-      [--workdir /tmp/attnlab-ft] [--stem NAME]
+``lofit`` runs LoFiT's two steps (``train/lofit.py``): ``--lofit-select-steps`` of head
+scales with the L1 penalty (its own row, ``lofit_scale``), the ``--lofit-heads`` best
+heads, then ``--steps`` of offsets on those heads only (the ``lofit`` row).
+
+  python -m benchmarks.finetune [--methods full,lora,hydra,lofit] [--steps 100] [--rank 8]
+      [--lofit-heads 16] [--lofit-select-steps 25] [--workdir /tmp/attnlab-ft] [--stem NAME]
 """
 
 from __future__ import annotations
@@ -116,6 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr-full", type=float, default=1e-4)
     p.add_argument("--lr-adapter", type=float, default=1e-3)
+    p.add_argument("--lr-lofit", type=float, default=5e-3)
+    p.add_argument("--lofit-heads", type=int, default=16, help="K heads LoFiT tunes")
+    p.add_argument("--lofit-select-steps", type=int, default=25)
+    p.add_argument("--lofit-l1", type=float, default=1e-4)
     args = p.parse_args(argv)
 
     from models import pretrained
@@ -130,11 +138,19 @@ def main(argv=None) -> int:
     curves = {}
     for m in [x for x in args.methods.split(",") if x]:
         common = f"init={args.model},steps={args.steps},seq_len={args.seq_len},batch={args.batch}"
-        spec = (f"{common},lr={args.lr_full}" if m == "full" else
-                f"{common},lr={args.lr_adapter},peft={m},rank={args.rank}")
+        extra = {}
+        if m == "full":
+            spec = f"{common},lr={args.lr_full}"
+        elif m == "lofit":
+            heads, row, curves["lofit_scale"] = lofit_select(args, pre, eval_ids)
+            rows.append(row)
+            print(rows[-1], flush=True)
+            spec, extra = f"{common},lr={args.lr_lofit},peft=lofit,heads={heads}", {"heads": row["heads"]}
+        else:
+            spec = f"{common},lr={args.lr_adapter},peft={m},rank={args.rank}"
         row, curves[m] = tune_and_measure(spec, os.path.join(args.workdir, m), eval_ids,
                                           start_cfg=pre.config, start_params=pre.params, window=args.window)
-        rows.append({"method": m, "steps": args.steps, **row})
+        rows.append({"method": m, "steps": args.steps, **row, **extra})
         print(rows[-1], flush=True)
         # Written after every method: a long run stopped early keeps what it measured.
         png = os.path.join(args.out_dir, stem + ".png")
@@ -142,6 +158,26 @@ def main(argv=None) -> int:
              "tokens/step)", "steps", png)
         write_report(args, stem, f"Fine-tuning methods on {args.model}", rows, curves, png)
     return 0
+
+
+def lofit_select(args, pre, eval_ids):
+    """LoFiT step 1: head scales with L1, then the best ``--lofit-heads`` heads ("l.h,...")."""
+    from train.lofit import head_scores
+    from train.restore import restore_trained
+
+    steps = args.lofit_select_steps
+    spec = (f"init={args.model},steps={steps},seq_len={args.seq_len},batch={args.batch},"
+            f"lr={args.lr_lofit},peft=lofit_scale,l1={args.lofit_l1}")
+    workdir = os.path.join(args.workdir, "lofit_scale")
+    row, curve = tune_and_measure(spec, workdir, eval_ids, start_cfg=pre.config,
+                                  start_params=pre.params, window=args.window)
+    scores = head_scores(restore_trained(workdir, merged=False)[1]["params"])
+    best = sorted(scores, key=lambda lh: -scores[lh])[:args.lofit_heads]
+    heads = ",".join(f"{l}.{h}" for l, h in best)
+    path = os.path.join(args.workdir, "lofit_heads.txt")  # the arg string splits on commas
+    with open(path, "w") as f:
+        f.write(heads)
+    return "@" + path, {"method": "lofit_scale", "steps": steps, **row, "heads": heads}, curve
 
 
 def write_report(args, stem: str, title: str, rows: list, curves: dict, png: str) -> None:

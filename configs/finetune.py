@@ -11,6 +11,9 @@ tensorboard, checkpoints and resume are the trainer's, as for training from scra
     attnlab train --config finetune:steps=100 --workdir runs/ft
     attnlab train --config finetune:init=/path/converted,teacher=smollm2-135m --workdir runs/heal
     attnlab train --config finetune:peft=lora,rank=8 --workdir runs/lora
+    attnlab train --config finetune:peft=lofit_scale --workdir runs/lofit1     # LoFiT step 1
+    python -m train.lofit --workdir runs/lofit1 --heads 16 --out runs/heads.json
+    attnlab train --config finetune:peft=lofit,heads=@runs/heads.json --workdir runs/lofit2
     attnlab export --workdir runs/ft --out runs/ft/export     # safetensors; load() reads it back
 
 Arguments after ``:`` (comma separated key=value):
@@ -21,9 +24,13 @@ Arguments after ``:`` (comma separated key=value):
   lr         float                   peak learning rate (AdamW, warmup, cosine decay)
   trainable  regex | ""              only parameters whose path matches are tuned
                                      (e.g. "attn/"); "" = all
-  peft       "" | lora | hydra       low-rank adapters instead of full tuning (train/peft.py)
+  peft       "" | lora | hydra |     low-rank adapters instead of full tuning (train/peft.py),
+             lofit_scale | lofit     or LoFiT's head scales / head offsets (train/lofit.py;
+                                     lofit adds zero attention biases to hold the offsets)
   rank       int                     adapter rank (alpha = 2 x rank)
-  targets    regex                   parameters that get adapters
+  targets    regex | ""              parameters that get adapters ("" = the method's default)
+  heads      "l.h,..." | @FILE       the heads peft=lofit tunes (python -m train.lofit)
+  l1         float                   LoFiT's L1 weight on the head scales (peft=lofit_scale)
   teacher    "" | NAME | PATH        distil from this checkpoint too (train.distill_from;
                                      e.g. the original model when healing a conversion)
   kd         float in [0, 1]         the distillation term's share of the loss
@@ -53,7 +60,9 @@ ARGS = {
     "trainable": "",
     "peft": "",
     "rank": 8,
-    "targets": r"attn/(q|k|v|o)_kernel$",
+    "targets": "",
+    "heads": "",
+    "l1": 1e-4,
     "teacher": "",
     "kd": 0.5,
     "kd_temp": 1.0,
@@ -74,6 +83,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = ConfigDict()
     c.metric = "loss"
     c.model = ConfigDict(dict(init_from=a["init"], dtype=a["dtype"], remat=a["remat"]))
+    if a["peft"] == "lofit":  # the head offsets are folded into the attention output bias
+        c.model.attention_bias = True
     c.data = ConfigDict(dict(
         source="tokenized_text", seq_len=a["seq_len"], batch_size=a["batch"], eval_batch_size=a["batch"],
         seed=a["seed"], options=dict(tokenizer=a["init"], text=a["text"], eval_fraction=0.05)))
@@ -84,7 +95,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train = common.train(steps=a["steps"], seed=0, log_every=5, eval_every=max(a["steps"] // 4, 1),
                            eval_steps=4, distill_from=a["teacher"], distill_weight=a["kd"],
                            distill_temperature=a["kd_temp"])
-    c.peft = ConfigDict(dict(method=a["peft"], rank=a["rank"], alpha=2.0 * a["rank"], targets=a["targets"]))
+    c.peft = ConfigDict(dict(method=a["peft"], rank=a["rank"], alpha=2.0 * a["rank"], targets=a["targets"],
+                             heads=a["heads"], l1=float(a["l1"])))
     c.mesh = common.mesh()
     c.checkpoint = common.checkpoint(every_steps=max(a["steps"] // 2, 1))
     return c

@@ -20,11 +20,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from attn import mha, registry
 from attn.transmla import convert_gqa_to_mla
@@ -70,54 +66,15 @@ def convert_lm(params, lm_config, *, kv_lora_rank: int, rope_heads: int = 1, cal
       ...                              atol=1e-4))
       ('mla', True)
     """
-    wrapped = "params" in params
-    tree = nn.unbox(params["params"] if wrapped else params)
-    cfg = lm_config
-    todo = [j for j, n in enumerate(cfg.pattern) if _convertible(n)]
-    if not todo:
-        raise ValueError(f"convert_lm: no GQA/MHA/MQA layer in attn={cfg.attn!r}")
-    inputs = None if calib_tokens_BT is None else _capture_attn_inputs(cfg, tree, calib_tokens_BT)
-    units = ["units"] if cfg.scan_layers else [f"unit_{u}" for u in range(cfg.num_repeats)]
-    tree = _to_dicts(tree)
-    new_cfgs = set()
-    for j in todo:
-        layer_cfg = cfg.layer_configs[j]
-        for unit in units:
-            block = tree[unit][f"block_{j}"]
-            x = None if inputs is None else inputs[unit][f"block_{j}"]["attn_norm"]["__call__"][0]
+    from models.conversion.common import replace_attention
 
-            def one(p, xs):
-                out, m = convert_gqa_to_mla(p, layer_cfg, kv_lora_rank=kv_lora_rank,
-                                            rope_heads=rope_heads, calib_x_BTD=xs, balance_kv=balance_kv,
-                                            freq_fold=freq_fold)
-                new_cfgs.add(m)
-                return out
+    tree = nn.unbox(params["params"] if "params" in params else params)
+    if not any(_convertible(n) for n in lm_config.pattern):
+        raise ValueError(f"convert_lm: no GQA/MHA/MQA layer in attn={lm_config.attn!r}")
+    inputs = None if calib_tokens_BT is None else _capture_attn_inputs(lm_config, tree, calib_tokens_BT)
 
-            if cfg.scan_layers:  # leading layer axis: convert each repeat, restack
-                outs = [one(jax.tree_util.tree_map(lambda a: a[i], block["attn"]),
-                            None if x is None else x[i]) for i in range(cfg.num_repeats)]
-                block["attn"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
-            else:
-                block["attn"] = one(block["attn"], x)
-    if len(new_cfgs) != 1:
-        raise NotImplementedError(
-            "convert_lm: converted layers differ in shape (num_kv_heads / head_dim / window...), "
-            "but one LM pattern name carries one config; convert such stacks layer by layer")
-    (m,) = new_cfgs
-    if "mla" in cfg.pattern:
-        raise NotImplementedError("convert_lm: the pattern already has 'mla' layers with their own config")
-    common = set(cfg.common_attention_fields()) - {"rope", "head_dim"}
-    mla_over = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in common}
-    overrides = {k: dict(v) for k, v in cfg.attn_overrides.items() if not _convertible(k)}
-    overrides["mla"] = mla_over
-    pattern = ",".join("mla" if _convertible(n) else n for n in cfg.pattern)
-    new_cfg = dataclasses.replace(cfg, attn=pattern, attn_overrides=overrides)
-    assert all(new_cfg.layer_configs[j] == m for j in todo), (new_cfg.layer_configs, m)
-    return ({"params": tree} if wrapped else tree), new_cfg
+    def one(p, layer_cfg, xs):
+        return convert_gqa_to_mla(p, layer_cfg, kv_lora_rank=kv_lora_rank, rope_heads=rope_heads,
+                                  calib_x_BTD=xs, balance_kv=balance_kv, freq_fold=freq_fold)
 
-
-def _to_dicts(tree):
-    """Nested mappings (FrozenDict included) as plain dicts, so subtrees can be replaced."""
-    if hasattr(tree, "items"):
-        return {k: _to_dicts(v) for k, v in tree.items()}
-    return tree
+    return replace_attention(params, lm_config, one, "mla", inputs=inputs)

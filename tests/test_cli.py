@@ -302,8 +302,8 @@ def test_every_readme_command_parses_and_validates(tmp_path):
             generate.build_parser().parse_args(words[2 if words[0] == "attnlab" else 3:])
         elif kind in (("attnlab", "perplexity"), ("python", "-m", "models.perplexity")):
             perplexity.build_parser().parse_args(words[2 if words[0] == "attnlab" else 3:])
-        elif kind[:2] == ("python", "-m") and kind[2].startswith("models."):
-            # Other model tools (models.analysis.*, models.duo_train): each has build_parser().
+        elif kind[:2] == ("python", "-m") and kind[2].startswith(("models.", "train.")):
+            # Other tools (models.analysis.*, models.conversion.*, train.lofit): each has build_parser().
             importlib.import_module(kind[2]).build_parser().parse_args(args)
         elif kind[:2] == ("python", "-m") and kind[2].startswith("benchmarks."):
             assert importlib.util.find_spec(kind[2]) is not None, cmd  # needs the checkout

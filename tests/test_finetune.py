@@ -250,3 +250,61 @@ def test_peft_config_errors(tmp_path):
         config["peft"] = peft_cfg
         with pytest.raises(UserError, match=match):
             train_and_evaluate(config, str(tmp_path / "r"))
+
+
+def test_lofit_folds_match_a_float64_oracle():
+    """Head scales and offsets on head outputs z [B,T,N,H], against y = Σ_i z_i W_O[i] in numpy."""
+    from train.peft import PeftConfig, merge
+
+    rng = np.random.default_rng(4)
+    L, N, H, D = 2, 3, 4, 5
+    z = rng.normal(size=(L, 6, N, H))
+    w, A, v = rng.normal(size=(L, N, H, D)), rng.normal(size=(L, N, H)), rng.normal(size=(L, N, H))
+    b0 = rng.normal(size=(L, D))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    scaled = merge({"units": {"block_0": {"attn": {"o_kernel": {"base": f32(w), "head_scale": f32(A)}}}}},
+                   PeftConfig(method="lofit_scale"))["units"]["block_0"]["attn"]["o_kernel"]
+    mask = np.zeros((L, N, H))
+    mask[0, 2], mask[1, 0] = 1, 1                            # heads 0.2 and 1.0
+    tree = {"units": {"block_0": {"attn": {"o_bias": f32(b0), "o_kernel": {
+        "base": f32(w), "head_bias": f32(v), "head_mask": f32(mask)}}}}}
+    out = merge(tree, PeftConfig(method="lofit", heads="0.2,1.0"))["units"]["block_0"]["attn"]
+    for l in range(L):
+        want_scale = np.einsum("tnh,nhd->td", (1 + A[l]) * z[l], w[l])
+        np.testing.assert_allclose(np.einsum("tnh,nhd->td", z[l], np.asarray(scaled[l], np.float64)),
+                                   want_scale, rtol=1e-5, atol=1e-5)
+        want_bias = np.einsum("tnh,nhd->td", z[l] + mask[l] * v[l], w[l]) + b0[l]
+        got = np.einsum("tnh,nhd->td", z[l], np.asarray(out["o_kernel"][l], np.float64)) + np.asarray(out["o_bias"][l])
+        np.testing.assert_allclose(got, want_bias, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not have"):
+        merge({"attn": {"o_kernel": tree["units"]["block_0"]["attn"]["o_kernel"]}}, PeftConfig(method="lofit", heads="0.2"))
+
+
+def test_lofit_two_steps_select_heads_then_tune_only_their_offsets(tmp_path, capsys):
+    from train import lofit, peft
+
+    cfg, params = _tiny_checkpoint(tmp_path / "ckpt")
+    step1 = _config(str(tmp_path / "ckpt"), steps=2, lr=1e-2)
+    step1["peft"] = {"method": "lofit_scale", "l1": 1e-3}
+    train_and_evaluate(step1, str(tmp_path / "s1"))
+    _, state, _ = restore_trained(str(tmp_path / "s1"), merged=False)
+    scores = lofit.head_scores(state["params"])
+    assert sorted(scores) == [(l, h) for l in range(2) for h in range(4)] and max(scores.values()) > 0
+    assert lofit.main(["--workdir", str(tmp_path / "s1"), "--heads", "3", "--out", str(tmp_path / "h.json")]) == 0
+    heads = capsys.readouterr().out.strip()
+    assert len(heads.split(",")) == 3 and lofit.parse_heads("@" + str(tmp_path / "h.json")) == lofit.parse_heads(heads)
+    step2 = _config(str(tmp_path / "ckpt"), steps=2, lr=1e-2, attention_bias=True)
+    step2["peft"] = {"method": "lofit", "heads": "@" + str(tmp_path / "h.json")}
+    train_and_evaluate(step2, str(tmp_path / "s2"))
+    got_cfg, variables, _ = restore_trained(str(tmp_path / "s2"))
+    assert got_cfg.layer_configs[0].use_bias and not cfg.layer_configs[0].use_bias
+    want, got = _flat(params), _flat(variables["params"])
+    moved = {k for k in got if k not in want or not np.array_equal(want[k], got[k])}
+    # Only the output bias holds the offsets; the q/k/v biases stay zero.
+    assert {k for k in moved if not k.endswith("_bias") or np.any(got[k])} == {"units/block_0/attn/o_bias"}
+    _, state2, _ = restore_trained(str(tmp_path / "s2"), merged=False)
+    assert peft.count(state2["params"])[0] == 3 * 8             # K heads x H
+    for bad, match in (("0.9", "heads 0..3"), ("x", "not 'layer.head'")):
+        step2["peft"]["heads"] = bad
+        with pytest.raises(UserError, match=match):
+            train_and_evaluate(step2, str(tmp_path / "bad"))

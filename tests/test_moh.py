@@ -29,7 +29,11 @@ CONFIGS = {
     # No shared heads (no α), biases, softcap, H = 6.
     "routed_only": moh.Config(d_model=D, num_heads=4, head_dim=6, num_shared_heads=0, top_k=2,
                               use_bias=True, softcap=5.0, dtype="float32"),
+    # MoH-LLaMA3's parameter-free router (query norms), GQA, one shared head, top-2 of 3.
+    "query_norm": moh.Config(d_model=D, num_heads=4, num_kv_heads=2, num_shared_heads=1, top_k=2,
+                             router="query_norm", dtype="float32"),
 }
+LEARNED = [n for n in CONFIGS if CONFIGS[n].router == "learned"]
 
 
 def _with(name, **kw):
@@ -56,7 +60,7 @@ def _x(seed=2):
 
 
 # --------------------------------------------------------------------------- routing
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", LEARNED)
 def test_routing_follows_the_equations(name):
     """Gates against numpy: §3.2 (paper) or the released code's rescaling (official)."""
     cfg = CONFIGS[name]
@@ -92,6 +96,33 @@ def test_routing_follows_the_equations(name):
     assert np.all(np.asarray(r.gates_BTN)[..., hs:][chosen == 0] == 0)
     if not official:
         assert np.all(gates.sum(-1) <= 1 + 1e-6)
+
+
+def test_query_norm_routing_follows_the_released_code():
+    """MoH-LLaMA3: softmax(|q_i| / std over routed heads), top-k, binary gates; no router params."""
+    cfg = CONFIGS["query_norm"]
+    p = _params("query_norm")["params"]
+    assert not any("router" in k for k in p) and moh.param_count(cfg) == sum(a.size for a in jax.tree.leaves(p))
+    x = np.asarray(_x(), np.float64)
+    q = np.einsum("BTD,DNH->BTNH", x, np.asarray(p["q_kernel"], np.float64))
+    hs, k = cfg.num_shared_heads, cfg.top_k
+    norms = np.linalg.norm(q[:, :, hs:], axis=-1)
+    z = norms / norms.std(-1, ddof=1, keepdims=True)
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    chosen = np.zeros_like(probs)
+    np.put_along_axis(chosen, top, 1.0, axis=-1)
+    gates = np.concatenate([np.ones(x.shape[:2] + (hs,)), chosen], -1)
+    pos = jnp.asarray(POS)
+    qj = moh.mha.project_qkv(p, jnp.asarray(x, jnp.float32), pos, cfg)[0]   # after RoPE: same norms
+    r = moh.route(p, None, cfg, q_BTNH=qj)
+    np.testing.assert_array_equal(np.asarray(r.gates_BTN), gates)
+    np.testing.assert_allclose(np.asarray(r.probs_BTN), probs, atol=1e-5)
+    with pytest.raises(ValueError, match="pass q_BTNH"):
+        moh.route(p, None, cfg)
+    with pytest.raises(ValueError, match="Config.router must be one of"):
+        moh.Config(d_model=D, num_heads=4, router="norm")
 
 
 # --------------------------------------------------------------------------- dense == gather

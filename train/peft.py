@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning by low-rank weight adapters: LoRA and Hydra (``config.peft``).
+"""Parameter-efficient fine-tuning (``config.peft``): LoRA, Hydra, and LoFiT (``train/lofit.py``).
 
 An adapter replaces a targeted kernel ``W`` (seen as the ``[fan_in, fan_out]`` matrix it
 applies, the same reading Muon uses: ``train.optim.matrix_dims``) by a node
@@ -11,7 +11,9 @@ applied to the merged weight, so no model code changes:
   sequential one that recombines the pretrained layer's own output features,
   ``W + s · (A B + W C E)`` with ``C [O, r]`` Gaussian (std 1/sqrt(O)), ``E [r, O]`` zero.
 
-Both start exactly at the pretrained model (the zero factor). Only adapter factors are
+Both start exactly at the pretrained model (the zero factor). LoFiT (``lofit_scale``,
+``lofit``) adapts attention heads' outputs instead; its nodes live in ``train/lofit.py``,
+each method being a ``Method`` in ``METHODS``. Only adapter factors are
 trained (plus whatever ``optim.trainable`` also matches); the base weights get no
 gradient (``lax.stop_gradient``) and no optimizer state. ``merge`` folds the adapters
 back into plain kernels: ``train.restore.restore_trained`` returns merged parameters,
@@ -42,8 +44,56 @@ import jax.numpy as jnp
 
 from train.config_args import dataclass_from_dict
 
-METHODS = {"lora": ("lora_a", "lora_b"), "hydra": ("lora_a", "lora_b", "seq_a", "seq_b")}
-ADAPTER_KEYS = ("lora_a", "lora_b", "seq_a", "seq_b")
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How one peft method adapts each targeted kernel ``W``.
+
+    Attributes:
+      factors: the node keys that are trained.
+      targets: the default ``peft.targets``.
+      make: ``(w, *, name, lead, I, O, cfg, key, names) -> {key: array}``: the node's
+        entries besides ``"base"`` (``lead``: leading batch axes; ``I``/``O``: fan-in and
+        fan-out sizes; ``names``: every parameter path, for methods that index layers).
+      fold: ``(node, cfg) -> (kernel, bias delta or None)``: the merged kernel and what to
+        add to the sibling bias (``*_kernel`` -> ``*_bias``).
+      penalty: ``(node, cfg) -> scalar`` added to the training loss, or None.
+      frozen: node keys that are state but not trained (e.g. a fixed mask).
+    """
+
+    factors: tuple
+    targets: str
+    make: Any
+    fold: Any
+    penalty: Any = None
+    frozen: tuple = ()
+
+
+def _make_lora(w, *, name, lead, I, O, cfg, key, names):
+    batch = w.shape[:lead]
+    ka, kc = jax.random.split(key)
+    node = {"lora_a": jax.random.normal(ka, batch + (I, cfg.rank), w.dtype) / math.sqrt(I),
+            "lora_b": jnp.zeros(batch + (cfg.rank, O), w.dtype)}
+    if cfg.method == "hydra":
+        node["seq_a"] = jax.random.normal(kc, batch + (O, cfg.rank), w.dtype) / math.sqrt(O)
+        node["seq_b"] = jnp.zeros(batch + (cfg.rank, O), w.dtype)
+    return node
+
+
+def _fold_lora(node, cfg):
+    w, a, b = node["base"], node["lora_a"], node["lora_b"]
+    m = w.reshape(a.shape[:-1] + (b.shape[-1],))          # [batch..., I, O]
+    delta = a @ b
+    if "seq_a" in node:
+        delta = delta + (m @ node["seq_a"]) @ node["seq_b"]
+    return (m + cfg.scale * delta.astype(m.dtype)).reshape(w.shape), None
+
+
+_QKVO = r"attn/(q|k|v|o)_kernel$"
+METHODS: dict[str, Method] = {
+    "lora": Method(("lora_a", "lora_b"), _QKVO, _make_lora, _fold_lora),
+    "hydra": Method(("lora_a", "lora_b", "seq_a", "seq_b"), _QKVO, _make_lora, _fold_lora),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,23 +101,33 @@ class PeftConfig:
     """The ``config.peft`` section.
 
     Attributes:
-      method: None (off), "lora" or "hydra".
-      rank: r of every adapter.
+      method: None (off), "lora", "hydra", "lofit_scale" or "lofit" (``train/lofit.py``).
+      rank: r of every adapter (lora, hydra).
       alpha: the adapters' scale is ``alpha / rank``.
       targets: regular expression searched in the "/"-joined parameter paths; every
-        matching kernel with a fan-in and a fan-out axis gets an adapter.
+        matching kernel with a fan-in and a fan-out axis gets an adapter. None: the
+        method's default (q/k/v/o kernels; LoFiT: the output kernels).
+      l1: LoFiT's L1 weight on the head scales (``lofit_scale``).
+      heads: the heads ``lofit`` tunes: "layer.head,..." or "@FILE" holding that list
+        (``python -m train.lofit`` writes it).
     """
 
     method: str | None = None
     rank: int = 8
     alpha: float = 16.0
-    targets: str = r"attn/(q|k|v|o)_kernel$"
+    targets: str | None = None
+    l1: float = 1e-4
+    heads: str = ""
 
     def __post_init__(self):
         if self.method == "":
             object.__setattr__(self, "method", None)
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"peft.method={self.method!r}; expected None or one of {sorted(METHODS)}")
+        if self.targets in (None, ""):
+            object.__setattr__(self, "targets", METHODS[self.method].targets if self.method else _QKVO)
+        if not self.l1 >= 0:
+            raise ValueError(f"peft.l1 must be >= 0, got {self.l1!r}")
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"peft.rank must be a positive int, got {self.rank!r}")
         if not self.alpha > 0:
@@ -115,8 +175,10 @@ def attach(params, cfg: PeftConfig, rng, param_axes=None):
     from train.optim import matrix_dims
 
     rx = re.compile(cfg.targets)
+    method = METHODS[cfg.method]
     dims = matrix_dims(params, param_axes)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = [_path(p) for p, _ in leaves]
     keys = iter(jax.random.split(rng, max(len(leaves), 1)))
     hits = []
 
@@ -130,14 +192,8 @@ def attach(params, cfg: PeftConfig, rng, param_axes=None):
             raise ValueError(f"peft.targets={cfg.targets!r} matches {name} {tuple(w.shape)}, which is "
                              "not a matrix between feature spaces (no fan-in / fan-out axes)")
         lead, I, O = _io_split(w, d, name)
-        batch = w.shape[:lead]
-        ka, kc = jax.random.split(key)
-        node = {"base": w,
-                "lora_a": jax.random.normal(ka, batch + (I, cfg.rank), w.dtype) / math.sqrt(I),
-                "lora_b": jnp.zeros(batch + (cfg.rank, O), w.dtype)}
-        if cfg.method == "hydra":
-            node["seq_a"] = jax.random.normal(kc, batch + (O, cfg.rank), w.dtype) / math.sqrt(O)
-            node["seq_b"] = jnp.zeros(batch + (cfg.rank, O), w.dtype)
+        node = {"base": w, **method.make(w, name=name, lead=lead, I=I, O=O, cfg=cfg, key=key,
+                                         names=names)}
         hits.append(name)
         return node
 
@@ -155,27 +211,59 @@ def _get(tree, path):
 
 
 def _is_node(x) -> bool:
-    return isinstance(x, dict) and "base" in x and "lora_a" in x
+    return isinstance(x, dict) and "base" in x and len(x) > 1 and set(x) <= NODE_KEYS | {"base"}
 
 
 def merge(params, cfg: PeftConfig):
-    """Plain parameters: every adapter node folded into its kernel (identity without adapters)."""
+    """Plain parameters: every adapter node folded into its kernel (identity without adapters).
+
+    A method whose fold also returns a bias delta (LoFiT's head offsets) adds it to the
+    sibling ``*_bias`` of the kernel; ``ValueError`` when the model has none.
+    """
     if cfg.method is None:
         return params
+    fold_node = METHODS[cfg.method].fold
 
-    def fold(node):
-        if _is_node(node):
-            w, a, b = node["base"], node["lora_a"], node["lora_b"]
-            m = w.reshape(a.shape[:-1] + (b.shape[-1],))          # [batch..., I, O]
-            delta = a @ b
-            if "seq_a" in node:
-                delta = delta + (m @ node["seq_a"]) @ node["seq_b"]
-            return (m + cfg.scale * delta.astype(m.dtype)).reshape(w.shape)
-        if isinstance(node, dict):
-            return {k: fold(v) for k, v in node.items()}
-        return node
+    def fold(tree, where=""):
+        if not isinstance(tree, dict):
+            return tree
+        out, deltas = {}, {}
+        for k, v in tree.items():
+            if _is_node(v):
+                out[k], delta = fold_node(v, cfg)
+                if delta is not None:
+                    deltas[k.removesuffix("kernel") + "bias"] = (k, delta)
+            else:
+                out[k] = fold(v, f"{where}{k}/")
+        for bias, (k, delta) in deltas.items():
+            if bias not in out:
+                raise ValueError(
+                    f"peft.method={cfg.method!r} adds to {where}{bias}, which the model does not have "
+                    f"(next to {where}{k}): start from a model with attention biases "
+                    "(model.attention_bias=True; configs/finetune.py sets it for peft=lofit)")
+            out[bias] = out[bias] + delta.astype(out[bias].dtype)
+        return out
 
     return fold(params)
+
+
+def penalty(params, cfg: PeftConfig):
+    """The method's regularizer summed over its nodes (LoFiT's L1), or 0.0."""
+    fn = METHODS[cfg.method].penalty if cfg.method else None
+    if fn is None:
+        return 0.0
+    total = 0.0
+
+    def walk(tree):
+        nonlocal total
+        if _is_node(tree):
+            total = total + fn(tree, cfg)
+        elif isinstance(tree, dict):
+            for v in tree.values():
+                walk(v)
+
+    walk(params)
+    return total
 
 
 def is_adapter(path) -> bool:
@@ -212,9 +300,29 @@ def shardings(model_shardings, attached, replicated):
 
 
 def count(params) -> tuple[int, int]:
-    """``(adapter parameters, all parameters)`` of an ``attach``-ed tree."""
+    """``(adapter parameters, all parameters)`` of an ``attach``-ed tree.
+
+    A factor masked by a sibling ``head_mask`` (LoFiT's offsets of the chosen heads)
+    counts only its unmasked entries.
+    """
     n_adapter = n_all = 0
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        n_all += int(x.size)
-        n_adapter += int(x.size) if is_adapter(path) else 0
+
+    def walk(tree):
+        nonlocal n_adapter, n_all
+        if not isinstance(tree, dict):
+            n_all += int(tree.size)
+            return
+        for k, v in tree.items():
+            if k in ADAPTER_KEYS and _is_node(tree):
+                n_adapter += int(jnp.sum(tree["head_mask"] != 0)) if "head_mask" in tree else int(v.size)
+            walk(v)
+
+    walk(params)
     return n_adapter, n_all
+
+
+from train import lofit as _lofit  # noqa: E402  (registers its methods; it imports Method from here)
+
+METHODS.update(_lofit.METHODS)
+ADAPTER_KEYS = tuple(sorted({k for m in METHODS.values() for k in m.factors}))
+NODE_KEYS = frozenset(ADAPTER_KEYS) | {k for m in METHODS.values() for k in m.frozen}

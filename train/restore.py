@@ -21,13 +21,15 @@ from train import peft, trainer
 from train.checkpoint import Checkpointer
 
 
-def restore_trained(workdir: str, config: Any = None) -> tuple[Any, Any, int]:
+def restore_trained(workdir: str, config: Any = None, *, merged: bool = True) -> tuple[Any, Any, int]:
     """``(model config, variables, step)`` of the newest good checkpoint in ``workdir``.
 
     Args:
       workdir: a run's ``--workdir``.
       config: the config the run used; None = the ``workdir/run_config.json`` it wrote
         (the config as given, every command-line override included).
+      merged: fold a peft run's adapters into their kernels (False: the state's own
+        ``{"base", factors}`` nodes, e.g. for ``python -m train.lofit``).
 
     Returns:
       The validated model config (``models.transformer.LMConfig`` for LM tasks), the
@@ -66,5 +68,6 @@ def restore_trained(workdir: str, config: Any = None) -> tuple[Any, Any, int]:
     state, _, step = restored
     variables = trainer.model_variables(state)
     # A peft run keeps {"base", adapter factors} nodes; the model takes merged kernels.
-    variables["params"] = peft.merge(variables["params"], exp.peft)
+    if merged:
+        variables["params"] = peft.merge(variables["params"], exp.peft)
     return exp.model, variables, int(step)

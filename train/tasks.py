@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 
 
@@ -119,12 +120,20 @@ PRETRAINED_RUNTIME_FIELDS = ("dtype", "remat", "impl")
 
 
 def _lm_pretrained_config(name_or_path: str, model_dict: dict):
+    """The checkpoint's ``LMConfig`` with the run-time fields of ``model_dict``.
+
+    ``model.attention_bias=True`` (a key of this hook, not of ``LMConfig``) gives every
+    attention layer q/k/v/o biases that the checkpoint lacks; they start at zero, so the
+    model computes the same function (LoFiT's head offsets live in ``o_bias``).
+    """
     import dataclasses
 
     from models import pretrained
     from models.pretrained.native import config_to_json
     from models.transformer import LMConfig
 
+    model_dict = dict(model_dict)
+    add_bias = bool(model_dict.pop("attention_bias", False))
     base = pretrained.load(name_or_path, config_only=True).config
     merged = LMConfig.from_dict({**config_to_json(base), **model_dict})
     for f in dataclasses.fields(LMConfig):
@@ -132,14 +141,38 @@ def _lm_pretrained_config(name_or_path: str, model_dict: dict):
                 and getattr(merged, f.name) != getattr(base, f.name):
             raise ValueError(f"model.{f.name}={model_dict[f.name]!r} differs from the checkpoint "
                              f"model.init_from={name_or_path!r} ({getattr(base, f.name)!r}); with "
-                             f"init_from only {list(PRETRAINED_RUNTIME_FIELDS)} may change")
+                             f"init_from only {list(PRETRAINED_RUNTIME_FIELDS)} (and attention_bias) "
+                             "may change")
+    if add_bias:
+        over = {k: dict(v) for k, v in merged.attn_overrides.items()}
+        for name, layer in zip(merged.pattern, merged.layer_configs):
+            if not hasattr(layer, "use_bias"):
+                raise ValueError(f"model.attention_bias: attention {name!r} has no use_bias field")
+            over.setdefault(name, {})["use_bias"] = True
+        merged = dataclasses.replace(merged, attn_overrides=over)
     return merged
 
 
 def _lm_pretrained_params(name_or_path: str, cfg):
-    from models import pretrained
+    """The checkpoint's parameters; biases ``cfg`` has and the checkpoint lacks are zeros."""
+    from flax import linen as nn
 
-    return pretrained.load(name_or_path, dtype=cfg.dtype).params
+    from models import pretrained
+    from models.transformer import Transformer
+
+    params = pretrained.load(name_or_path, dtype=cfg.dtype).params
+    want = jax.eval_shape(lambda: nn.unbox(Transformer(cfg).init(
+        jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"])
+    have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    if len(have) == len(jax.tree.leaves(want)):
+        return params
+
+    def fill(path, leaf):  # model.attention_bias: the added biases start at zero
+        if path in have:
+            return have[path]
+        return jnp.zeros(leaf.shape, leaf.dtype) if str(path[-1].key).endswith("_bias") else None
+
+    return jax.tree_util.tree_map_with_path(fill, want)
 
 
 register_task(Task(

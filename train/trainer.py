@@ -455,11 +455,12 @@ def _build_compiled(exp: Experiment) -> _Compiled:
                     task, model, {"params": merge(freeze(params)), **model_state}, batch, train=True)
             sums = weighted_sums(logits_BTV, targets_BT, weights_BT)
             ce = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
+            reg = aux_weight * aux + peft.penalty(params, exp.peft)  # peft: LoFiT's L1
             if teacher is None:
-                return ce + aux_weight * aux, (ce, aux, sums, new_vars)
+                return ce + reg, (ce, aux, sums, new_vars)
             kl = kl_sums(logits_BTV, teacher_BTV, weights_BT, exp.train.distill_temperature)["kl_sum"]
             sums = {**sums, "kl": kl / jnp.maximum(sums["weight_sum"], 1.0)}
-            loss = kd_weight * sums["kl"] + (1 - kd_weight) * ce + aux_weight * aux
+            loss = kd_weight * sums["kl"] + (1 - kd_weight) * ce + reg
             return loss, (ce, aux, sums, new_vars)
 
         (loss, (ce, aux, sums, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -670,7 +671,7 @@ def _parameter_summary(params, mask, exp: Experiment) -> str:
     n = sum(s for s, t in zip(sizes, jax.tree.leaves(mask)) if t)
     start = f"from {exp.init_from}" if exp.init_from else "from scratch"
     how = [f"optim.trainable={exp.optim.trainable!r}"] if exp.optim.trainable else []
-    how += [f"peft {exp.peft.method} rank {exp.peft.rank} on {exp.peft.targets!r}"] if exp.peft.method else []
+    how += [f"peft {exp.peft.method} on {exp.peft.targets!r}"] if exp.peft.method else []
     return f"parameters {start}: training {n:,} of {sum(sizes):,}" + (f" ({'; '.join(how)})" if how else "")
 
 

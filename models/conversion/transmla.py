@@ -27,7 +27,6 @@ after one line for the original model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -54,10 +53,9 @@ def convert_and_measure(pre, *, kv_lora_rank: int, rope_heads: int, freq_fold: i
 
 def main(argv=None, prog: str = "python -m models.conversion.transmla") -> int:
     """Entry point; user errors print one line and return 2."""
-    from train.cli import guarded
+    from models.conversion.common import run_command
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return guarded(prog, lambda: _main(argv, prog), verbose="--verbose" in argv)
+    return run_command(argv, prog, _main)
 
 
 def _ints(flag: str, text: str) -> list[int]:
@@ -73,41 +71,33 @@ def _ints(flag: str, text: str) -> list[int]:
 
 
 def build_parser(prog: str = "python -m models.conversion.transmla") -> argparse.ArgumentParser:
+    from models.conversion.common import add_run_flags
+
     p = argparse.ArgumentParser(prog=prog, description="TransMLA (GQA -> MLA) on a pretrained model.")
-    p.add_argument("--model", default="smollm2-135m", help="a models.pretrained name or path")
     p.add_argument("--kv-lora-rank", required=True, help="latent size(s) L, comma separated")
     p.add_argument("--rope-heads", type=int, default=1, help="RoPE key blocks r (1 = the paper)")
     p.add_argument("--freq-fold", default="1", help="FreqFold group size(s) f, comma separated")
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (train split)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="score only the first N eval tokens")
-    p.add_argument("--window", type=int, default=256, help="perplexity window")
-    p.add_argument("--batch", type=int, default=4, help="windows per forward pass")
-    p.add_argument("--results", default=None, help="write the rows as JSON here")
-    p.add_argument("--out", default=None, help="save the converted model (one L and f only)")
-    p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors")
+    add_run_flags(p)
     return p
 
 
 def _main(argv: list[str], prog: str) -> int:
     from attn.errors import UserError
     from models import pretrained
-    from models.conversion.common import eval_perplexity, kv_bytes_per_token, split_tokens
+    from models.conversion.common import original_row, save_converted, split_tokens, write_results
 
     args = build_parser(prog).parse_args(argv)
     ranks, folds = _ints("--kv-lora-rank", args.kv_lora_rank), _ints("--freq-fold", args.freq_fold)
     if args.out and len(ranks) * len(folds) != 1:
         raise UserError("--out saves one conversion: give one --kv-lora-rank and one --freq-fold")
-    for flag, v, low in (("--calib-tokens", args.calib_tokens, 1), ("--window", args.window, 2),
+    for flag, v, low in (("--calib-tokens", args.calib_tokens, 1), ("--window", args.ppl_window, 2),
                          ("--batch", args.batch, 1)):
         if v < low:
             raise UserError(f"{flag}={v}: must be >= {low}")
     pre = pretrained.load(args.model)
     train_ids, eval_ids = split_tokens(args.model)
-    score = dict(window=args.window, batch=args.batch, max_tokens=args.eval_tokens)
-    base = {"kv_lora_rank": None, "kv_bytes_per_token": kv_bytes_per_token(pre.config),
-            **eval_perplexity(pre.config, pre.params, eval_ids, **score)}
-    print(f"original kv_bytes/token {base['kv_bytes_per_token']} ppl {base['ppl']:.3f} "
-          f"({base['tokens']} eval tokens, windows of {args.window})", flush=True)
+    base, score = original_row(pre, eval_ids, args, kv_lora_rank=None)
     rows = [base]
     for L in ranks:
         for f in folds:
@@ -115,7 +105,7 @@ def _main(argv: list[str], prog: str) -> int:
                 cfg, params, row = convert_and_measure(
                     pre, kv_lora_rank=L, rope_heads=args.rope_heads, freq_fold=f, train_ids=train_ids,
                     eval_ids=eval_ids[:args.eval_tokens] if args.eval_tokens else eval_ids,
-                    calib_tokens=args.calib_tokens, window=args.window, batch=args.batch)
+                    calib_tokens=args.calib_tokens, window=args.ppl_window, batch=args.batch)
             except (ValueError, NotImplementedError) as e:
                 raise UserError(f"TransMLA L={L} f={f}: {e}") from e
             row["kv_ratio"] = row["kv_bytes_per_token"] / base["kv_bytes_per_token"]
@@ -123,14 +113,9 @@ def _main(argv: list[str], prog: str) -> int:
             print(f"L {L} f {f} r {args.rope_heads} kv_bytes/token {row['kv_bytes_per_token']} "
                   f"({row['kv_ratio']:.3f} of original) ppl {row['ppl']:.3f}", flush=True)
             if args.out:
-                meta = {**pre.metadata, "converted_from": args.model, "transmla": {
-                    k: row[k] for k in ("kv_lora_rank", "rope_heads", "freq_fold", "calib_tokens")}}
-                pretrained.export(pretrained.Pretrained(cfg, params, pre.tokenizer, args.model, meta),
-                                  args.out, format="native")
-                print(f"saved {args.out}")
-    if args.results:
-        with open(args.results, "w") as fh:
-            json.dump({"model": args.model, "rows": rows}, fh, indent=2)
+                save_converted(pre, cfg, params, args.out, source=args.model, method="transmla", settings={
+                    k: row[k] for k in ("kv_lora_rank", "rope_heads", "freq_fold", "calib_tokens")})
+    write_results(args.results, args.model, rows)
     return 0
 
 
