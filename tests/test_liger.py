@@ -99,7 +99,10 @@ def test_liger_hybrid_with_only_the_softmax_branch_is_the_original_layer():
     cfg = liger.Config(d_model=D, num_heads=N, num_kv_heads=K, head_dim=H, dtype="float32", window=T, mix=1.0)
     np.testing.assert_allclose(np.asarray(liger.liger_forward(p, x, config=cfg)[0]),
                                np.asarray(mha.mha_forward(p, x, config=g)[0]), atol=1e-5)
-    for bad, match in ((dict(mix=2.0), "mix must be in"), (dict(qk_norm=True), "qk_norm"),
-                       (dict(linear_impl="x"), "linear_impl")):
+    assert liger.Config.from_mha(g, window=T, mix=1.0) == cfg
+    for bad, match in ((dict(mix=2.0), "mix must be in"), (dict(linear_impl="x"), "linear_impl")):
         with pytest.raises(ValueError, match=match):
             liger.Config(d_model=D, num_heads=N, **bad)
+    for bad, match in ((dict(qk_norm=True), "qk_norm"), (dict(causal=False), "causal=False")):
+        with pytest.raises(ValueError, match=match):
+            liger.Config.from_mha(g.replace(**bad))

@@ -49,49 +49,91 @@ from attn.cache import RingKVCache
 from attn.core import attention
 from attn.linear import _chunked
 from attn.masks import Mask
+from attn.positions import RopeConfig
 
 Array = Any
 DEFAULT_WINDOW = 64
 
 
+# The attn.mha.Config fields Liger shares (it has no ``causal``, ``qk_norm`` or ``sinks``:
+# the recurrence is causal and its feature maps read the raw q and k).
+MHA_FIELDS = ("d_model", "num_heads", "num_kv_heads", "head_dim", "rope", "window", "softcap",
+              "use_bias", "impl", "dtype", "param_dtype", "norm_eps")
+
+
 @dataclasses.dataclass(frozen=True)
-class Config(mha.Config):
-    """``attn.mha.Config`` plus the Liger fields (``qk_norm`` and ``sinks`` unsupported).
+class Config:
+    """Settings of one Liger layer: the projections' fields of ``attn.mha.Config`` plus Liger's.
 
     Attributes:
+      d_model, num_heads, num_kv_heads, head_dim, rope, softcap, use_bias, impl, dtype,
+        param_dtype, norm_eps: as ``attn.mha.Config`` (the pretrained layer's).
+      window: the sliding window of the hybrid's softmax branch (default 64; unused
+        without ``hybrid``).
       hybrid: Liger attention (sliding-window softmax + GLA) or the pure GLA layer.
       mix: the softmax branch's weight in the hybrid.
       gate_normalizer: the log-decay is ``logsigmoid(x W_k) / gate_normalizer``.
       chunk_size: C of the chunked GLA.
       linear_impl: "auto" | "naive" | "chunked" for the recurrence.
-      (``window``: the sliding window of the hybrid, default 64.)
 
     Example:
       >>> Config(d_model=16, num_heads=2).window, Config(d_model=16, num_heads=2, hybrid=False).window
       (64, None)
     """
 
+    d_model: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope: RopeConfig | None = RopeConfig()
+    window: int | None = None
+    softcap: float | None = None
+    use_bias: bool = False
     hybrid: bool = True
     mix: float = 0.5
     gate_normalizer: float = 16.0
     chunk_size: int = 64
     linear_impl: str = "auto"
+    impl: str = "auto"
+    dtype: Any = "bfloat16"
+    param_dtype: Any = "float32"
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
-        if self.hybrid and self.window is None:
-            object.__setattr__(self, "window", DEFAULT_WINDOW)
-        super().__post_init__()
-        if self.qk_norm or self.sinks:
-            raise ValueError("liger: qk_norm and sinks are not supported (the feature maps read raw q, k)")
-        if not self.causal:
-            raise ValueError("liger: causal=False is not supported (the recurrence is causal)")
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("window", (self.window or DEFAULT_WINDOW) if self.hybrid else None)
+        # The projections are an MHA layer's: its config validates and resolves the shared fields.
+        m = mha.Config(**{f: getattr(self, f) for f in MHA_FIELDS}, causal=True)
+        for f in MHA_FIELDS:
+            set_(f, getattr(m, f))
+        set_("_mha", m)
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"liger: mix must be in [0, 1], got {self.mix!r}")
         if not self.gate_normalizer > 0:
             raise ValueError(f"liger: gate_normalizer must be > 0, got {self.gate_normalizer!r}")
+        if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
+            raise ValueError(f"liger: chunk_size must be a positive int, got {self.chunk_size!r}")
         if self.linear_impl != "auto" and self.linear_impl not in _chunked.IMPLS:
             raise ValueError(f"liger: linear_impl must be 'auto' or one of {sorted(_chunked.IMPLS)}, "
                              f"got {self.linear_impl!r}")
+
+    @property
+    def mha_config(self) -> mha.Config:
+        """The MHA layer whose parameters this one uses (causal, no qk-norm, no sinks)."""
+        return self._mha
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mha(cls, c: mha.Config, **liger_fields) -> "Config":
+        """The Liger layer over an MHA/GQA layer's weights; ValueError for what it cannot keep."""
+        for flag in ("qk_norm", "sinks"):
+            if getattr(c, flag):
+                raise ValueError(f"liger: {flag}=True is not supported (the feature maps read raw q, k)")
+        if not c.causal:
+            raise ValueError("liger: causal=False is not supported (the recurrence is causal)")
+        return cls(**{**{f: getattr(c, f) for f in MHA_FIELDS}, **liger_fields})
 
 
 @struct.dataclass
@@ -133,7 +175,7 @@ def stats(config: Config, seq_len: int) -> dict:
     ring = cfg.window * (2 * K * H * it + 8) if cfg.hybrid else 0
     c = (min(cfg.chunk_size, seq_len) + 1) / 2
     swa = 2.0 * N * 2 * H * min(cfg.window or 0, seq_len) if cfg.hybrid else 0.0
-    return dict(params=mha.param_count(cfg), kv_bytes_per_token=0,
+    return dict(params=mha.param_count(cfg.mha_config), kv_bytes_per_token=0,
                 flops_per_token=2.0 * (D * N * H + 2 * D * K * H + N * H * D)
                 + 2.0 * N * (c * 2 * H + 2 * H * H) + swa,
                 state_bytes=4 * N * H * H + ring)
@@ -149,7 +191,7 @@ def liger_forward(params, x_BTD, *, config: Config, positions_BT=None, segment_i
         raise ValueError("liger: positions_BT is required with a cache")
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions_BT is None else positions_BT
     seg = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
-    q, k, v = mha.project_unrotated(params, x_BTD, cfg)
+    q, k, v = mha.project_unrotated(params, x_BTD, cfg.mha_config)
     G = cfg.num_heads // cfg.num_kv_heads
     rep = lambda a: jnp.repeat(a, G, axis=2)          # kv head j serves query heads jG..jG+G-1
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
@@ -163,18 +205,18 @@ def liger_forward(params, x_BTD, *, config: Config, positions_BT=None, segment_i
     if cfg.hybrid:
         qr, kr = (cfg.rope.apply(a, pos) for a in (q, k)) if cfg.rope is not None else (q, k)
         if cache is None:
-            mask = Mask(causal=True, window=cfg.mask_window, q_positions=positions_BT,
+            mask = Mask(causal=True, window=cfg.mha_config.mask_window, q_positions=positions_BT,
                         kv_positions=positions_BT, q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT)
             ks, vs = kr, v
         else:
             ks, vs, kv_pos, kv_seg, swa = cache.swa.append(kr, v, pos, seg)
             ks, vs = ks.astype(dt), vs.astype(dt)
-            mask = Mask(causal=True, window=cfg.mask_window, q_positions=pos.astype(jnp.int32),
+            mask = Mask(causal=True, window=cfg.mha_config.mask_window, q_positions=pos.astype(jnp.int32),
                         kv_positions=kv_pos, q_segment_ids=seg, kv_segment_ids=kv_seg)
         o_swa = attention(qr, ks, vs, mask=mask, softcap=cfg.softcap, impl=cfg.impl,
                           self_attention=cache is None)
         o = (cfg.mix * o_swa.astype(jnp.float32) + (1 - cfg.mix) * o_lin.astype(jnp.float32)).astype(dt)
-    y = mha.project_out(params, o, cfg)
+    y = mha.project_out(params, o, cfg.mha_config)
     if cache is None:
         return y, None
     return y, LigerCache(state=S, swa=swa, length=cache.length + T)
@@ -190,7 +232,7 @@ class Liger(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
-        return liger_forward(mha.make_params(self, self.config), x_BTD, config=self.config,
+        return liger_forward(mha.make_params(self, self.config.mha_config), x_BTD, config=self.config,
                              positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache)
 
 

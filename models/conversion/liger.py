@@ -42,11 +42,9 @@ def convert_lm(params, lm_config, *, hybrid: bool = True, window: int | None = N
     from models.conversion.common import replace_attention
 
     def one(p, c, _):
-        if c.window is not None and hybrid:
+        if c.window is not None:
             raise NotImplementedError("Liger conversion: the layer already has a sliding window")
-        fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
-        fields.update(hybrid=hybrid, mix=mix, window=window if hybrid else None)
-        return p, liger.Config(**fields)
+        return p, liger.Config.from_mha(c, hybrid=hybrid, mix=mix, window=window)
 
     return replace_attention(params, lm_config, one, "liger")
 
