@@ -72,9 +72,11 @@ def tune_and_measure(spec: str, workdir: str, eval_ids, *, start_cfg, start_para
                                                 jax.tree.leaves(c.trainable)) if t)
     cfg, variables, _ = restore_trained(workdir)
     after = eval_perplexity(cfg, jax.device_get(variables["params"]), eval_ids, window=window)
+    # Adapter parameters of the trained state (a LoFiT mask's chosen heads need values).
+    adapter = peft.count(restore_trained(workdir, merged=False)[1]["params"])[0] if exp.peft.method else 0
     tb = read_scalars(os.path.join(workdir, "tb")).get("eval/loss", [])
     curve = [(0, math.exp(start))] + [(s, math.exp(v)) for s, v in tb]
-    row = {"ppl": after["ppl"], "trainable": trainable, "adapter": peft.count(c.abstract_state["params"])[0],
+    row = {"ppl": after["ppl"], "trainable": trainable, "adapter": adapter,
            "wall_s": round(wall, 1),
         "s_per_step": round(wall / exp.train.num_steps, 2), "final_train_loss": out.get("train/loss")}
     return row, curve

@@ -68,8 +68,8 @@ def test_moh_conversion_keeps_the_heads_it_routes_to():
     assert not np.any(np.asarray(params["units"]["block_0"]["attn"]["router_kernel"]))
     dropped = jax.tree_util.tree_map(lambda a: a, pre.params)
     dropped["units"]["block_0"]["attn"]["o_kernel"] = pre.params["units"]["block_0"]["attn"]["o_kernel"].at[:, 3].set(0)
-    want = Transformer(CFG).apply({"params": dropped}, tokens)[0]
-    got = Transformer(cfg).apply({"params": params}, tokens)[0]
+    want = jax.jit(Transformer(CFG).apply)({"params": dropped}, tokens)[0]
+    got = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
     qn, qcfg = moh.convert_lm(pre.params, CFG, num_shared_heads=1, top_k=2)   # parameter-free router
     assert qcfg.layer_configs[0].router == "query_norm" and len(jax.tree.leaves(qn)) == len(jax.tree.leaves(pre.params))
@@ -116,8 +116,8 @@ def test_xecomla_svd_init_reconstructs_the_projections():
     pre = _pre()
     params, cfg = xecomla.convert_lm(pre.params, CFG, kv_lora_rank=min(32, 2 * 4 * 8), rope_dim=2)
     t = jnp.asarray([[5], [9]], jnp.int32)
-    np.testing.assert_allclose(np.asarray(Transformer(cfg).apply({"params": params}, t)[0]),
-                               np.asarray(Transformer(CFG).apply({"params": pre.params}, t)[0]), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, t)[0]),
+                               np.asarray(jax.jit(Transformer(CFG).apply)({"params": pre.params}, t)[0]), atol=1e-4)
     with pytest.raises(ValueError, match="exceeds the rank"):
         xecomla.convert_layer(p, g, kv_lora_rank=full + 1, rope_dim=Hr)
     with pytest.raises(ValueError, match="rope_dim must be an even int"):
@@ -135,5 +135,5 @@ def test_liger_conversion_keeps_the_weights_and_counts_its_state():
     gla_params, gla = liger.convert_lm(pre.params, CFG, hybrid=False)
     assert gla.layer_configs[0].window is None and liger.state_bytes(gla) == 2 * 4 * 4 * 8 * 8
     t = jnp.arange(6)[None] % 64
-    assert np.all(np.isfinite(np.asarray(Transformer(gla).apply({"params": gla_params}, t)[0])))
+    assert np.all(np.isfinite(np.asarray(jax.jit(Transformer(gla).apply)({"params": gla_params}, t)[0])))
     assert liger.main(["--window", "0"]) == 2

@@ -303,7 +303,7 @@ def count(params) -> tuple[int, int]:
     """``(adapter parameters, all parameters)`` of an ``attach``-ed tree.
 
     A factor masked by a sibling ``head_mask`` (LoFiT's offsets of the chosen heads)
-    counts only its unmasked entries.
+    counts only its unmasked entries, so the tree must hold values there, not shapes.
     """
     n_adapter = n_all = 0
 

@@ -29,9 +29,10 @@ Example:
   >>> cfg = Config(d_model=16, num_heads=2, num_kv_heads=1, window=4, dtype="float32")
   >>> x = jax.random.normal(jax.random.key(0), (1, 6, 16)); pos = jnp.arange(6)[None]
   >>> layer = Liger(cfg); params = layer.init(jax.random.key(1), x, positions_BT=pos)
-  >>> y, c = layer.apply(params, x, positions_BT=pos, cache=init_cache(cfg, batch=1))
-  >>> y.shape, c.state.shape, int(c.length)          # decode == forward: tests/test_liger.py
-  ((1, 6, 16), (1, 2, 8, 8), 6)
+  >>> y, c = jax.eval_shape(lambda p: layer.apply(p, x, positions_BT=pos, cache=init_cache(cfg, batch=1)),
+  ...                       params)
+  >>> y.shape, c.state.shape, c.swa.k.shape          # decode == forward: tests/test_liger.py
+  ((1, 6, 16), (1, 2, 8, 8), (1, 4, 1, 8))
 """
 
 from __future__ import annotations
