@@ -126,9 +126,10 @@ def test_ring_bf16_within_2e3_of_fp32_one_device():
     q, k, v, _ = _inputs(8, 2, jnp.bfloat16)
     perm = cpl.zigzag_permutation(T, 16)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))[:, perm]
-    o = cpl.context_parallel_attention(q[:, perm], k[:, perm], v[:, perm], impl="xla", strategy="ring",
-                                       mask=Mask(causal=True, q_positions=pos, kv_positions=pos),
-                                       mesh=mesh, zigzag=True)[:, np.argsort(perm)]
+    ring = jax.jit(lambda q, k, v, pos: cpl.context_parallel_attention(  # one compile, not op by op
+        q, k, v, impl="xla", strategy="ring", mask=Mask(causal=True, q_positions=pos, kv_positions=pos),
+        mesh=mesh, zigzag=True))
+    o = ring(q[:, perm], k[:, perm], v[:, perm], pos)[:, np.argsort(perm)]
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref = attention(f32(q), f32(k), f32(v), mask=Mask(causal=True), impl="xla")
     one = attention(q, k, v, mask=Mask(causal=True), impl="xla")  # bf16, one device

@@ -97,7 +97,7 @@ def test_export_run_round_trips(tmp_path):
     from models.export import export_run, main
 
     _tiny_checkpoint(tmp_path / "ckpt")
-    train_and_evaluate(_config(str(tmp_path / "ckpt")), str(tmp_path / "run"))
+    train_and_evaluate(_config(str(tmp_path / "ckpt"), steps=1), str(tmp_path / "run"))
     cfg, variables, _ = restore_trained(str(tmp_path / "run"))
     fmt, n = export_run(str(tmp_path / "run"), str(tmp_path / "hf"))
     assert fmt == "hf" and n == sum(x.size for x in jax.tree.leaves(variables["params"]))

@@ -151,11 +151,11 @@ def test_real_greedy_matches_transformers(real):
     transformers = pytest.importorskip("transformers")
     path = _gguf_path()
     ids = real.tokenizer.encode("The three primary colours are", add_special_tokens=False)
-    ours = generate_batch(real.config, real.params, [ids], max_new_tokens=64)[0]
+    ours = generate_batch(real.config, real.params, [ids], max_new_tokens=32)[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=None,
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(ids):].tolist()
     assert ours == ref
 
